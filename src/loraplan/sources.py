@@ -1,0 +1,122 @@
+"""Where a model's config comes from: `builtin:NAME`, a local directory or `config.json`, or a Hub id.
+
+`load_structure(MODEL)` is the entry point every command uses. Only the config is read (from the
+local Hugging Face cache when offline); no weights. `trust_remote_code` stays off unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .catalog import builtin_for_hub_id, get_builtin
+from .errors import UsageError, did_you_mean
+from .structure import (
+    ModelStructure,
+    build_structure,
+    cached_structure,
+    store_structure,
+    structure_key,
+)
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def read_config_dict(model: str, trust_remote_code: bool = False, revision: str | None = None
+                     ) -> tuple[dict, Path | None]:
+    """The raw config dict of MODEL and, for a local or downloaded repo, its folder."""
+    if model.startswith(BUILTIN_PREFIX):
+        return dict(get_builtin(model[len(BUILTIN_PREFIX):]).config), None
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise UsageError(f"no config.json in {path}",
+                             "point at a model folder saved with save_pretrained, or at its config.json")
+        return _read_json(config_path), path
+    if path.is_file():
+        return _read_json(path), path.parent
+    if _looks_like_path(model):
+        raise UsageError(f"no such file or folder: {model}",
+                         "give a model folder, a config.json, a Hub id (org/name) or builtin:NAME")
+    return _hub_config(model, revision), None
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.endswith(".json") or model.count("/") > 1
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a text file", "give the model's config.json") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                         "fix the file or download it again") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} does not hold a JSON object", "a model's config.json is an object")
+    if "model_type" not in data and "architectures" not in data:
+        raise UsageError(f"{path} has no 'model_type'", "is this a transformers config.json?")
+    return data
+
+
+def _hub_config(model_id: str, revision: str | None) -> dict:
+    if not model_id or any(c.isspace() for c in model_id):
+        raise UsageError(f"'{model_id}' is not a model folder, a config.json, a Hub id or builtin:NAME",
+                         "examples: ./my-model, meta-llama/Llama-3.1-8B, builtin:llama-3.1-8b")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(model_id, "config.json", revision=revision)
+    except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all mean "can't have it"
+        builtin = builtin_for_hub_id(model_id)
+        hint = (f"offline? use builtin:{builtin.name}" if builtin else
+                "check the id, your network or HF_HUB_OFFLINE, and `hf auth login` for gated models")
+        reason = type(e).__name__
+        raise UsageError(f"could not get config.json of '{model_id}' from the Hub or the local cache ({reason})",
+                         hint) from None
+    return _read_json(Path(path))
+
+
+def make_config(raw: dict, folder: Path | None = None, trust_remote_code: bool = False):
+    """A transformers config object from a raw config dict."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        data = {k: v for k, v in raw.items() if k != "model_type"}
+        try:
+            return CONFIG_MAPPING[model_type].from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"config for model_type '{model_type}' is invalid: {e}",
+                             "compare it with the model's published config.json") from None
+    if raw.get("auto_map"):
+        if not trust_remote_code:
+            raise UsageError(f"model_type '{model_type}' needs the model's own code (auto_map in config.json)",
+                             "read that code, then pass --trust-remote-code")
+        if folder is None:
+            raise UsageError("remote code needs the model's folder or Hub id, not a bare config",
+                             "download the repository and pass its folder")
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    hint = did_you_mean(str(model_type), CONFIG_MAPPING_NAMES) or "upgrade transformers?"
+    raise UsageError(f"unknown model_type '{model_type}' for transformers", hint)
+
+
+def load_structure(model: str, *, trust_remote_code: bool = False, revision: str | None = None,
+                   architecture: str | None = None) -> ModelStructure:
+    """The module structure of MODEL (cached; instant after the first time)."""
+    if isinstance(model, ModelStructure):
+        return model
+    raw, folder = read_config_dict(model, trust_remote_code=trust_remote_code, revision=revision)
+    key = structure_key(raw, architecture)
+    cached = cached_structure(key, source=model)
+    if cached is not None:
+        return cached
+    config = make_config(raw, folder, trust_remote_code=trust_remote_code)
+    structure = build_structure(config, architecture, trust_remote_code, source=model)
+    store_structure(key, structure)
+    return structure
