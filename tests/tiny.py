@@ -79,3 +79,40 @@ def write_config(family: str, folder) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(FAMILIES[family]))
     return str(folder)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer(vocab_size: int = 128):
+    """A character-level fast tokenizer built in memory: <pad>=0, <s>=1, </s>=2, <unk>=3, then
+    printable ASCII and the chat role markers; fits any tiny config with vocab_size >= 128."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for c in map(chr, range(32, 127)):
+        vocab.setdefault(c, len(vocab))
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", additional_special_tokens=specials[4:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_model(folder, family: str = "llama", seed: int = 0) -> str:
+    """A tiny model folder (config.json, model.safetensors, tokenizer) like save_pretrained writes."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model = make_model(family, seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    make_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    return str(folder)

@@ -120,3 +120,98 @@ def load_structure(model: str, *, trust_remote_code: bool = False, revision: str
     structure = build_structure(config, architecture, trust_remote_code, source=model)
     store_structure(key, structure)
     return structure
+
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    except KeyError:
+        raise UsageError(f"unknown dtype '{name}'", f"choose one of {', '.join(DTYPES)}") from None
+
+
+def load_model(model: str, *, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False,
+               quantization: str | None = None, random_init: bool = False, revision: str | None = None):
+    """The model with its weights (safetensors only, never pickle), ready for PEFT.
+
+    `random_init` builds it from the config alone (benchmarks, `builtin:` shapes). `quantization`
+    is "4bit" (NF4 with double quantization, bf16 compute, as QLoRA) or "8bit" (bitsandbytes).
+    """
+    import torch
+    import transformers
+
+    raw, folder = read_config_dict(model, trust_remote_code=trust_remote_code, revision=revision)
+    config = make_config(raw, folder, trust_remote_code=trust_remote_code)
+    dtype_ = torch_dtype(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .structure import model_class_for
+
+    cls = model_class_for(config, None, trust_remote_code)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        if random_init or model.startswith(BUILTIN_PREFIX):
+            if not random_init:
+                raise UsageError(f"{model} is a shape without weights",
+                                 "give a model folder or Hub id (or random_init=True for a benchmark)")
+            with torch.device(device):
+                built = (cls.from_config(config, dtype=dtype_, trust_remote_code=trust_remote_code)
+                         if cls.__name__.startswith("AutoModel") else cls._from_config(config, dtype=dtype_))
+            return built
+        source = str(folder) if folder is not None and (Path(model).exists()) else model
+        kwargs = dict(dtype=dtype_, use_safetensors=True, trust_remote_code=trust_remote_code, revision=revision)
+        if quantization:
+            kwargs["quantization_config"] = quantization_config(quantization, dtype_)
+            kwargs["device_map"] = {"": 0}
+        elif device != "cpu":
+            kwargs["device_map"] = {"": device}
+        try:
+            loaded = cls.from_pretrained(source, **kwargs)
+        except OSError as e:
+            raise UsageError(f"could not load the weights of {model}: {str(e).splitlines()[0]}",
+                             "loraplan reads safetensors weights only (no .bin pickles)") from None
+        return loaded
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.utils.logging.enable_progress_bar()
+
+
+def quantization_config(quantization: str, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{quantization} quantization needs bitsandbytes",
+                         "pip install 'loraplan[qlora]' on a CUDA machine") from None
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise UsageError(f"unknown quantization '{quantization}'", "choose 4bit or 8bit")
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's tokenizer, with a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    if model.startswith(BUILTIN_PREFIX):
+        raise UsageError(f"{model} is a shape without a tokenizer", "give a model folder or Hub id")
+    path = Path(model).expanduser()
+    source = str(path if path.is_dir() else path.parent) if path.exists() else model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load a tokenizer for {model}: {str(e).splitlines()[0]}",
+                         "the model folder needs tokenizer.json (or the files save_pretrained writes)") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
