@@ -160,3 +160,27 @@ def get_builtin(name: str) -> BuiltinModel:
 
 def builtin_for_hub_id(hub_id: str) -> BuiltinModel | None:
     return _BY_HUB_ID.get(hub_id.lower())
+
+
+def write_builtin_structures(folder=None) -> list[str]:
+    """Pre-build the structure of every built-in model for the installed transformers version, so
+    `inspect`/`count` on a `builtin:` shape need no transformers import (package data)."""
+    from pathlib import Path
+
+    from .sources import make_config
+    from .structure import build_structure, store_structure, structure_key
+
+    folder = Path(folder) if folder else Path(__file__).parent / "builtin_structures"
+    for stale in folder.glob("*.json"):
+        stale.unlink()
+    keys = []
+    for entry in BUILTIN_MODELS.values():
+        key = structure_key(entry.config, None)
+        structure = build_structure(make_config(dict(entry.config)), source=f"builtin:{entry.name}")
+        store_structure(key, structure, folder)
+        keys.append(key)
+    return keys
+
+
+if __name__ == "__main__":  # python -m loraplan.catalog: refresh the shipped structures
+    print(f"wrote {len(write_builtin_structures())} structures")

@@ -225,7 +225,7 @@ def structure_key(config: dict, architecture: str | None) -> str:
 
 
 def _cache_dirs() -> list[Path]:
-    shipped = Path(__file__).parent / "data" / "structures"
+    shipped = Path(__file__).parent / "builtin_structures"
     user = Path(os.environ.get("LORAPLAN_CACHE_DIR") or Path.home() / ".cache" / "loraplan") / "structures"
     return [shipped, user]
 

@@ -340,7 +340,18 @@ def _regex_for(modules: Sequence[ModuleInfo], structure: ModelStructure) -> str:
             parts.append(re.escape(pattern).replace(r"\*", r"\d+"))
         else:
             parts.extend(re.escape(".".join(_fill_indices(pattern, idx))) for idx in indices)
-    return "|".join(parts) if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
+    return _factor(parts)
+
+
+def _factor(parts: list[str]) -> str:
+    """`a\.\d+\.x|a\.\d+\.y` -> `a\.\d+\.(?:x|y)`: the shared stem written once."""
+    if len(parts) == 1:
+        return parts[0]
+    stems = {p.rpartition(r"\d+\.")[0] for p in parts}
+    if len(stems) == 1 and all(r"\d+\." in p for p in parts):
+        stem = stems.pop() + r"\d+\."
+        return stem + "(?:" + "|".join(p[len(stem):] for p in parts) + ")"
+    return "(?:" + "|".join(parts) + ")"
 
 
 def _fill_indices(pattern: str, indices: tuple[int, ...]) -> list[str]:

@@ -9,6 +9,8 @@ examples:
 
 from __future__ import annotations
 
+from argparse import ArgumentTypeError
+
 from ..counting import CountResult, human_bytes, rank_table
 from ..errors import UsageError
 from ..plan import LoraPlan
@@ -16,12 +18,13 @@ from .render import add_model_arguments, emit_json, num, table
 
 
 def positive_int(text: str) -> int:
+    """argparse type: argparse turns the message into `error: argument --rank: …`, exit 2."""
     try:
         value = int(text)
     except ValueError:
-        raise UsageError(f"rank must be a positive integer, got '{text}'", "e.g. --rank 16") from None
+        raise ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
     if value <= 0:
-        raise UsageError(f"rank must be a positive integer, got {value}", "e.g. --rank 16")
+        raise ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 
@@ -33,9 +36,9 @@ def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise UsageError(f"expected a positive number, got '{text}'") from None
-    if value <= 0:
-        raise UsageError(f"expected a positive number, got {text}")
+        raise ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0:
+        raise ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
