@@ -131,14 +131,15 @@ _SPELLINGS = {
     "modules_to_save": "modules_to_save", "lora_modules_to_save": "modules_to_save",
     "additional_target": "modules_to_save", "lora_bias": "lora_bias", "task_type": "task_type",
     "targets": "targets", "target_modules": "targets", "lora_target_modules": "targets",
-    "lora_target": "targets", "layers": "layers", "layers_to_transform": "layers",
+    "lora_target": "targets", "target_parameters": "targets", "lora_target_parameters": "targets",
+    "layers": "layers", "layers_to_transform": "layers", "peft_layers_to_transform": "layers",
 }
 # Keys that belong to these files but do not shape the adapter; accepted and ignored.
 _IGNORED = {
     "peft_type", "base_model_name_or_path", "revision", "inference_mode", "fan_in_fan_out",
     "init_lora_weights", "layers_pattern", "auto_mapping", "megatron_config", "megatron_core",
     "loftq_config", "eva_config", "corda_config", "layer_replication", "runtime_config",
-    "exclude_modules", "trainable_token_indices", "lora_target_linear", "target_parameters",
+    "exclude_modules", "trainable_token_indices", "lora_target_linear", "reasons",
     "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "_component_", "finetuning_type",
     "use_qalora", "qalora_group_size", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying",
     "peft_version", "lora_ga_config", "kasa_config", "velora_config", "use_bdlora", "bdlora_config",
@@ -158,7 +159,9 @@ def plan_fields(data: Mapping[str, Any], where: str = "config") -> dict[str, Any
             targets.extend([value] if isinstance(value, str) else [str(v) for v in value])
         elif field_name == "modules_to_save":
             if value:
-                out["modules_to_save"] = tuple([value] if isinstance(value, str) else value)
+                # LLaMA-Factory's additional_target is one comma-separated string
+                items = value.split(",") if isinstance(value, str) else value
+                out["modules_to_save"] = tuple(s.strip() for s in items if s.strip())
         elif field_name == "layers":
             if value is not None:
                 out["layers"] = value if isinstance(value, str) else ",".join(
@@ -191,7 +194,18 @@ def plan_fields(data: Mapping[str, Any], where: str = "config") -> dict[str, Any
         # LLaMA-Factory writes `lora_target: all` for every linear layer.
         if targets == ["all"] and "lora_target" in data:
             targets = ["all-linear"]
-        out["targets"] = ",".join(dict.fromkeys(targets))
+        out["targets"] = join_targets(targets)
     if isinstance(out.get("bias"), str):
         out["bias"] = out["bias"].lower()
     return out
+
+
+def join_targets(items: list[str]) -> str:
+    """Target items as one spec string. The grammar reads a spec that starts with `re:` as a single
+    regex, so a regex goes last (after the comma-separated names) and several regexes become one."""
+    items = list(dict.fromkeys(items))
+    regexes = [i[3:] for i in items if i.startswith("re:")]
+    names = [i for i in items if not i.startswith("re:")]
+    if len(regexes) > 1:
+        regexes = ["|".join(f"(?:{r})" for r in regexes)]
+    return ",".join(names + [f"re:{r}" for r in regexes])

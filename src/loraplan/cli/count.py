@@ -5,6 +5,7 @@ examples:
   loraplan count builtin:llama-3.1-8b --targets q,k,v,o --rank 16
   loraplan count builtin:llama-3.1-8b --targets attention,mlp --ranks 8,16,64
   loraplan count ./my-model --targets all-linear --rank 32 --dora --layers 16-31 --json
+  loraplan count ./my-model --from ./my-adapter --rank 32     (an adapter's plan, at another rank)
 """
 
 from __future__ import annotations
@@ -43,25 +44,45 @@ def positive_float(text: str) -> float:
 
 
 def add_plan_arguments(parser, default_targets: str | None = "all-linear"):
-    """The flags that describe one adapter, shared by count, memory and recommend."""
-    parser.add_argument("--targets", "-t", default=default_targets,
+    """The flags that describe one adapter, shared by count, memory and sweep. With --from FILE the
+    plan comes from the file and each flag given on the command line overrides its value."""
+    import argparse
+
+    parser.set_defaults(_default_targets=default_targets)
+    parser.add_argument("--from", dest="from_file", metavar="FILE", default=None,
+                        help="read targets, rank, alpha, rsLoRA, DoRA, dropout… from a PEFT adapter_config.json "
+                             "(or adapter folder), an axolotl or LLaMA-Factory YAML or a torchtune config; "
+                             "flags given here override the file's values (--rank alone keeps its lora_alpha)")
+    parser.add_argument("--targets", "-t", default=None,
                         help="roles (q,k,v,o,gate,up,down,…), groups (attention, mlp, qv), presets "
-                             "(all-linear, all), module names or re:REGEX (default: %(default)s)")
+                             f"(all-linear, all), module names or re:REGEX (default: {default_targets})")
     parser.add_argument("--rank", "-r", type=positive_int, default=None, help="LoRA rank r (default 8)")
     parser.add_argument("--alpha", type=positive_float, default=None,
                         help="lora_alpha (default: alpha = r)")
-    parser.add_argument("--dora", action="store_true", help="DoRA (adds a magnitude vector per output)")
-    parser.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha/sqrt(r)")
+    parser.add_argument("--dora", action=argparse.BooleanOptionalAction, default=None,
+                        help="DoRA (adds a magnitude vector per output)")
+    parser.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=None,
+                        help="rsLoRA scaling alpha/sqrt(r)")
     parser.add_argument("--layers", default=None, help="only these layers, e.g. 0-7,30,31 or -8: (PEFT layers_to_transform)")
-    parser.add_argument("--bias", choices=["none", "all", "lora_only"], default="none", help="PEFT bias option")
+    parser.add_argument("--bias", choices=["none", "all", "lora_only"], default=None,
+                        help="PEFT bias option (default none)")
     parser.add_argument("--modules-to-save", default=None,
                         help="comma-separated modules trained in full, e.g. lm_head,embed_tokens")
 
 
 def plan_from_args(args) -> LoraPlan:
-    saved = tuple(s.strip() for s in (args.modules_to_save or "").split(",") if s.strip())
-    return LoraPlan(targets=args.targets, r=args.rank or 8, lora_alpha=args.alpha, use_dora=args.dora,
-                    use_rslora=args.rslora, layers=args.layers, bias=args.bias, modules_to_save=saved)
+    """The plan the flags describe: --from FILE's values, overridden by every flag given."""
+    from ..config_files import read_plan_fields
+
+    fields = read_plan_fields(args.from_file) if getattr(args, "from_file", None) else {}
+    saved = None
+    if args.modules_to_save is not None:
+        saved = tuple(s.strip() for s in args.modules_to_save.split(",") if s.strip())
+    given = {"targets": args.targets, "r": args.rank, "lora_alpha": args.alpha, "use_dora": args.dora,
+             "use_rslora": args.rslora, "layers": args.layers, "bias": args.bias, "modules_to_save": saved}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    fields.setdefault("targets", getattr(args, "_default_targets", None) or "all-linear")
+    return LoraPlan(**fields)
 
 
 def register(parser):
