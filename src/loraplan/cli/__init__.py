@@ -17,6 +17,15 @@ from ..errors import LoraplanError, UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "list every adaptable module, its role, shape and PEFT name"),
     "count": ("count", "exact trainable parameters for targets and rank (equal to PEFT's)"),
+    "analyze": ("analyze", "spectra of a trained adapter: directions used, which modules moved, subspace similarity"),
+    "compress": ("compress", "a smaller valid PEFT adapter by SVD truncation, with the energy kept"),
+    "diagnose": ("diagnose", "overfitting, underfitting, instability and the alpha trap in a run's curves"),
+    "merge": ("merge", "merge an adapter into its base after checking it fits; verified, safetensors"),
+    "recommend": ("recommend", "a LoRA plan for your task and data size, each choice with its reason; exports"),
+    "sweep": ("sweep", "the ablation: short runs of a grid of LoRA configs, ranked, resumable"),
+    "planted": ("planted", "write a task with a known answer: a base model, a planted low-rank update, data"),
+    "demo": ("demo", "the whole journey offline on CPU: planted task -> sweep -> recommendation"),
+    "report": ("report", "a sweep as one self-contained HTML page with its plots (also as PNG)"),
 }
 
 
@@ -27,7 +36,8 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message, f"see `{self.prog} --help`")
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(command: str | None = None) -> ArgumentParser:
+    """The parser; only the chosen command's module is imported (the others list their help line)."""
     parser = ArgumentParser(
         prog="loraplan",
         description="Choose LoRA target modules and rank for your model and data.",
@@ -36,6 +46,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, (module, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         mod = importlib.import_module(f".{module}", __name__)
         cmd = sub.add_parser(name, help=help_text, description=mod.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +69,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("LORAPLAN_DEBUG"))
     try:
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        parser = build_parser(command if command in COMMANDS else None)
         args = parser.parse_args(argv)
         if not getattr(args, "_run", None):
             parser.print_help()
