@@ -1,0 +1,123 @@
+"""Peak GPU memory of a LoRA / QLoRA training step, term by term, and whether it fits your GPU.
+
+Predicts torch.cuda.max_memory_allocated() of the step loraplan's sweep runs (transformers + PEFT,
+SDPA attention, fused AdamW, no autocast): base weights, LoRA weights, optimizer state, the
+activations autograd keeps (each adapted module keeps its own fp32 input copy), the fp32 logits of
+the loss, DoRA's buffers. With --gpu-memory: a verdict, and what would make it fit. Sizes are
+binary: GB means GiB, as GPU makers use it.
+
+examples:
+  loraplan memory builtin:llama-3.1-8b --targets all-linear --rank 16 --batch-size 4 --seq-len 1024
+  loraplan memory builtin:llama-3.1-8b -t attention -r 64 -b 1 -l 4096 --quant 4bit --gpu-memory 24GB
+  loraplan memory ./my-model --targets q,v --grad-ckpt --optimizer adamw8bit --gpu-memory 80GiB --json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..counting import human_bytes
+from ..errors import UsageError
+from ..gpu_memory import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, MemoryEstimate, estimate_memory, parse_size
+from .count import add_plan_arguments, plan_from_args
+from .render import add_model_arguments, emit_json, table
+
+
+def _positive(text: str, what: str, example: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a positive integer, got '{text}'", f"e.g. {example}") from None
+    if value <= 0:
+        raise UsageError(f"{what} must be a positive integer, got {value}", f"e.g. {example}")
+    return value
+
+
+def _dropout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise UsageError(f"--lora-dropout must be a number in [0, 1), got '{text}'", "e.g. --lora-dropout 0.05")
+    return value
+
+
+def register(parser):
+    add_model_arguments(parser)
+    add_plan_arguments(parser)
+    parser.add_argument("--lora-dropout", default=None,
+                        help="LoRA dropout (default 0.05; 0 saves the dropout masks)")
+    parser.add_argument("--batch-size", "-b", default="1",
+                        help="sequences per step (default %(default)s)")
+    parser.add_argument("--seq-len", "-l", default="2048",
+                        help="tokens per sequence, no padding (default %(default)s)")
+    parser.add_argument("--dtype", default="bf16",
+                        help="base model dtype: bf16, fp16 or fp32 (default %(default)s)")
+    parser.add_argument("--quant", default="none",
+                        help="none, 8bit (LLM.int8) or 4bit (QLoRA NF4) (default %(default)s)")
+    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                        help="4-bit: quantize the quantization constants too (default on, as QLoRA)")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
+    parser.add_argument("--optimizer", default="adamw",
+                        help="adamw (fp32 states), adamw8bit (bitsandbytes) or sgd (default %(default)s)")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="your GPU's memory for a verdict, e.g. 24GB, 80GiB, 40960MiB")
+
+
+def run(args) -> int:
+    from ..sources import load_structure
+
+    # argparse would turn a converter's error into "invalid value": check here, one line with a hint
+    batch = _positive(args.batch_size, "batch size", "--batch-size 4")
+    seq = _positive(args.seq_len, "sequence length", "--seq-len 2048")
+    gpu = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
+    if args.quant.lower() != "4bit" and not args.double_quant:
+        raise UsageError("--no-double-quant applies to --quant 4bit only")
+    plan = plan_from_args(args)
+    if args.lora_dropout is not None:
+        plan = plan.replace(lora_dropout=_dropout(args.lora_dropout))
+    structure = load_structure(args.model, trust_remote_code=args.trust_remote_code)
+    estimate = estimate_memory(structure, plan, batch, seq, dtype=args.dtype, quant=args.quant,
+                               double_quant=args.double_quant, grad_ckpt=args.grad_ckpt, optimizer=args.optimizer)
+    estimate.gpu_bytes = gpu
+    if args.json:
+        emit_json(estimate.to_json())
+        return 0
+    print_estimate(estimate, structure.architecture)
+    return 0
+
+
+def _setting(e: MemoryEstimate) -> str:
+    quant = {"4bit": "QLoRA NF4" + (" double-quant" if e.double_quant else ""), "8bit": "LLM.int8"}.get(e.quant or "", e.dtype)
+    parts = [quant, f"batch {e.batch_size} × seq {e.seq_len:,}", e.optimizer,
+             "grad checkpointing" if e.grad_ckpt else "no checkpointing"]
+    return " · ".join(parts)
+
+
+def print_estimate(e: MemoryEstimate, architecture: str = "") -> None:
+    p = e.plan
+    dora = " · DoRA" if p.use_dora else ""
+    print(f"{e.model} · {architecture} · targets {p.targets} · r={p.r}{dora} · {_setting(e)}")
+    print()
+    rows = [[t.name, human_bytes(t.bytes), t.formula] for t in e.terms]
+    print(table(["term", "size", "how"], rows, "lrl"))
+    print()
+    others = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(e.phases.items(), key=lambda kv: -kv[1])
+                       if k != e.peak_phase)
+    print(f"peak moment     {e.peak_phase} (others: {others})")
+    print(f"predicted peak  {human_bytes(e.total_bytes)}  (torch.cuda.max_memory_allocated)")
+    margin = e.needed_bytes - e.total_bytes - CUDA_CONTEXT_BYTES
+    print(f"needed on GPU   {human_bytes(e.needed_bytes)}  (+ {ALLOCATOR_MARGIN:.0%} allocator margin "
+          f"{human_bytes(margin)}, + CUDA context {human_bytes(CUDA_CONTEXT_BYTES)})")
+    if e.gpu_bytes is not None:
+        if e.fits(e.gpu_bytes):
+            print(f"verdict         fits on {human_bytes(e.gpu_bytes)} "
+                  f"({human_bytes(e.gpu_bytes - e.needed_bytes)} to spare)")
+        else:
+            print(f"verdict         does NOT fit on {human_bytes(e.gpu_bytes)} "
+                  f"({human_bytes(e.needed_bytes - e.gpu_bytes)} short); what would fit:")
+            for s in e.suggestions(e.gpu_bytes):
+                print(f"  - {s}")
+    for note in e.notes:
+        print(f"note: {note}")
