@@ -13,11 +13,19 @@ from pathlib import Path
 
 from .planted import PlantedSpec, PlantedTask, make_planted_task
 
-# The demo grid: the tutorial default (q,v r8), attention, the MLP at ranks around the planted one,
-# and everything. Alpha follows r (scale 1) so that ranks are compared fairly.
-DEMO_GRID = {"targets": ["q,v", "attention", "mlp", "attention,mlp"], "r": [2, 4, 8], "alpha": ["r"]}
-DEMO_TRAINING = {"max_steps": 200, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 10,
+# The demo's trials: the tutorial default (q,v at r=8), all of attention, the MLP at ranks below, at
+# and above the planted one, and everything. alpha = r (scale 1) so that ranks are compared fairly.
+DEMO_TRIALS = [
+    {"name": "qv_r8", "targets": "q,v", "r": 8},
+    {"name": "attention_r8", "targets": "attention", "r": 8},
+    {"name": "mlp_r2", "targets": "mlp", "r": 2},
+    {"name": "mlp_r4", "targets": "mlp", "r": 4},
+    {"name": "mlp_r8", "targets": "mlp", "r": 8},
+    {"name": "all_r8", "targets": "attention,mlp", "r": 8},
+]
+DEMO_TRAINING = {"max_steps": 200, "batch_size": 16, "learning_rate": 1e-2, "warmup_steps": 10,
                  "eval_every": 50, "seed": 0}
+DEMO_TASK = PlantedSpec(examples=4000)
 
 
 @dataclass
@@ -33,15 +41,16 @@ class DemoResult:
         return self.found_modules and self.found_rank
 
 
-def run_demo(out: str | Path = "loraplan-demo", *, planted: PlantedSpec | None = None, grid: dict | None = None,
-             training: dict | None = None, progress: bool = True, echo=print) -> DemoResult:
+def run_demo(out: str | Path = "loraplan-demo", *, planted: PlantedSpec | None = None,
+             trials: list[dict] | None = None, training: dict | None = None, progress: bool = True,
+             echo=print) -> DemoResult:
     from .ablation.runner import sweep
     from .sources import load_structure
     from .targets import resolve_targets
 
     out = Path(out)
     task_dir = out / "task"
-    spec = planted or PlantedSpec()
+    spec = planted or DEMO_TASK
     if (task_dir / "planted.json").exists():
         task = PlantedTask.load(task_dir)
         echo(f"1/4 planted task: reusing {task_dir}")
@@ -58,12 +67,12 @@ def run_demo(out: str | Path = "loraplan-demo", *, planted: PlantedSpec | None =
     echo("    a tutorial would train q_proj,v_proj at r=8; the seeds' rules say: attention for behaviour, "
          "the MLP for knowledge — the sweep measures it")
 
-    grid = grid or DEMO_GRID
-    echo(f"3/4 sweep: targets {' | '.join(grid['targets'])} × r {', '.join(map(str, grid['r']))} "
-         f"({len(grid['targets']) * len(grid['r'])} trials)")
+    trials = trials or DEMO_TRIALS
+    echo(f"3/4 sweep: {len(trials)} trials ({', '.join(t['name'] for t in trials)}), "
+         f"{(training or DEMO_TRAINING)['max_steps']} steps each")
     result = sweep(str(task.base), str(task.train), eval=str(task.eval), out=out / "sweep",
-                   overrides={"grid": grid, **{f"training.{k}": v for k, v in (training or DEMO_TRAINING).items()},
-                              "data.max_length": spec.seq_len + 8},
+                   overrides={"trials": trials, **{f"training.{k}": v for k, v in (training or DEMO_TRAINING).items()},
+                              "data.max_length": task.spec.seq_len + 8},
                    progress=progress)
     recommended = result.summary.get("recommended")
     found_modules = found_rank = False
