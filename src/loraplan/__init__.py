@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _API = {
     "inspect": ("inspection", "inspect"),
     "count": ("counting", "count"),
+    "memory": ("gpu_memory", "memory"),
+    "estimate_memory": ("gpu_memory", "estimate_memory"),
     "load_data": ("data", "load_data"),
     "analyze": ("analysis", "analyze"),
     "compress": ("compression", "compress"),

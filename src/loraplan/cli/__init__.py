@@ -17,6 +17,7 @@ from ..errors import LoraplanError, UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "list every adaptable module, its role, shape and PEFT name"),
     "count": ("count", "exact trainable parameters for targets and rank (equal to PEFT's)"),
+    "memory": ("memory", "peak GPU memory of a LoRA/QLoRA training step, term by term; fits or not"),
     "analyze": ("analyze", "spectra of a trained adapter: directions used, which modules moved, subspace similarity"),
     "compress": ("compress", "a smaller valid PEFT adapter by SVD truncation, with the energy kept"),
     "diagnose": ("diagnose", "overfitting, underfitting, instability and the alpha trap in a run's curves"),
