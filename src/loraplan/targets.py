@@ -344,7 +344,7 @@ def _regex_for(modules: Sequence[ModuleInfo], structure: ModelStructure) -> str:
 
 
 def _factor(parts: list[str]) -> str:
-    """`a\.\d+\.x|a\.\d+\.y` -> `a\.\d+\.(?:x|y)`: the shared stem written once."""
+    """`stem.N.x|stem.N.y` -> `stem.N.(?:x|y)` (N the layer-index pattern): the shared stem written once."""
     if len(parts) == 1:
         return parts[0]
     stems = {p.rpartition(r"\d+\.")[0] for p in parts}

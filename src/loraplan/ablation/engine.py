@@ -245,8 +245,7 @@ class PeftEngine:
         total = 0.0
         for mb in micro_batches:
             ids, labels, mask = mb.tensors(self.device, self.pad_id)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = causal_lm_loss_sum(logits, labels) / max(supervised, 1)
+            loss = model_loss(model, ids, labels, mask, max(supervised, 1))
             if fault == "nan":
                 loss = loss * float("nan")
             loss.backward()
@@ -293,8 +292,7 @@ class PeftEngine:
                 if n == 0:
                     continue
                 ids, labels, mask = mb.tensors(self.device, self.pad_id)
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                losses.append(float(causal_lm_loss_sum(logits, labels)) / n)
+                losses.append(float(model_loss(model, ids, labels, mask, n)))
                 counts.append(n)
         mean, sem = weighted_mean_sem(losses, counts)
         row = {"kind": "eval", "step": state.step, "eval_loss": mean, "eval_loss_sem": sem,
@@ -357,6 +355,13 @@ class PeftEngine:
             "eval_batches": {"loss": ev.get("batch_losses"), "tokens": ev.get("batch_tokens")} if ev else None,
             "started": state.started_at,
         }
+
+
+def model_loss(model, ids, labels, mask, num_items: int):
+    """The model's own causal-LM loss (transformers shifts the labels and upcasts the logits to fp32),
+    summed over supervised tokens and divided by `num_items`: the supervised tokens of the whole
+    optimizer step, so micro-batches are weighted by their tokens, not averaged."""
+    return model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items).loss
 
 
 def causal_lm_loss_sum(logits, labels):
