@@ -27,10 +27,13 @@ class MicroBatch:
         # labels are shifted by one inside the loss: the first position never counts
         return sum(sum(1 for t in y[1:] if t != IGNORE) for y in self.labels)
 
-    def tensors(self, device, pad_id: int):
+    def tensors(self, device, pad_id: int, multiple: int = 1):
+        """Right-padded ids, labels (-100 on padding) and attention mask. `multiple` rounds the width
+        up so that few distinct shapes occur (cuDNN plans attention once per shape)."""
         import torch
 
         width = max(len(x) for x in self.input_ids)
+        width = -(-width // multiple) * multiple
         n = len(self.input_ids)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         labels = torch.full((n, width), IGNORE, dtype=torch.long)

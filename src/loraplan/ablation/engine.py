@@ -77,6 +77,7 @@ class PeftEngine:
         self.structure = None
         self.device = None
         self.pad_id = 0
+        self.pad_multiple = 1
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -89,6 +90,9 @@ class PeftEngine:
         self.structure = load_structure(self.model_source, trust_remote_code=self.trust_remote_code)
         self.dtype = torch_dtype(self.settings.dtype)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # cuDNN builds an attention plan per shape: 64-token buckets keep the shapes few (profile in
+        # benchmarks/sweep/RESULTS.md); on CPU padding would only cost time
+        self.pad_multiple = 64 if self.device.type == "cuda" else 1
         if self.settings.quantization and self.device.type != "cuda":
             raise UsageError(f"{self.settings.quantization} quantization needs a CUDA GPU")
         self.base = load_model(self.model_source, dtype=self.settings.dtype, device=str(self.device),
@@ -244,7 +248,7 @@ class PeftEngine:
             raise torch.OutOfMemoryError("CUDA out of memory (injected by LORAPLAN_FAULT)")
         total = 0.0
         for mb in micro_batches:
-            ids, labels, mask = mb.tensors(self.device, self.pad_id)
+            ids, labels, mask = mb.tensors(self.device, self.pad_id, self.pad_multiple)
             loss = model_loss(model, ids, labels, mask, max(supervised, 1))
             if fault == "nan":
                 loss = loss * float("nan")
@@ -291,7 +295,7 @@ class PeftEngine:
                 n = mb.supervised
                 if n == 0:
                     continue
-                ids, labels, mask = mb.tensors(self.device, self.pad_id)
+                ids, labels, mask = mb.tensors(self.device, self.pad_id, self.pad_multiple)
                 losses.append(float(model_loss(model, ids, labels, mask, n)))
                 counts.append(n)
         mean, sem = weighted_mean_sem(losses, counts)
