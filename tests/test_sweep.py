@@ -194,3 +194,17 @@ def test_successive_halving_prunes_the_worst(workspace):
     pruned = [r for r in result.results if r["status"] == "pruned"]
     assert all(r["steps"] == 4 for r in pruned) and all("successive halving" in r["message"] for r in pruned)
     assert all((out / "trials" / r["name"] / "adapter").exists() for r in pruned)
+
+
+def test_from_file_adds_the_users_config_as_a_trial(workspace, tmp_path, capsys):
+    root, model = workspace
+    config = tmp_path / "axolotl.yaml"
+    config.write_text("adapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_dropout: 0.0\nlora_target_modules: [q_proj, v_proj]\n")
+    code = main(["sweep", model, "--data", str(root / "train.jsonl"), "--out", str(tmp_path / "o"), "--dry-run",
+                 "--from", str(config), "--grid", "targets=attention r=4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "attention_r4" in out and "from_axolotl" in out
+    code = main(["sweep", model, "--data", str(root / "train.jsonl"), "--out", str(tmp_path / "o2"), "--dry-run",
+                 "--from", str(config)])
+    out = capsys.readouterr().out
+    assert code == 0 and "full_r16_dora" in out and "from_axolotl" in out  # with the seeds' grid

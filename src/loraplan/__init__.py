@@ -22,6 +22,7 @@ _API = {
     "merge": ("merging", "merge"),
     "recommend": ("recommendation", "recommend"),
     "sweep": ("ablation.runner", "sweep"),
+    "probe": ("probing", "probe"),
     "planted_task": ("planted", "make_planted_task"),
     "report": ("reporting", "report"),
     "resolve_targets": ("targets", "resolve_targets"),

@@ -726,34 +726,6 @@ def _iter_overlaps(pairs):
             yield w, v, over_a[part], over_delta[part]
 
 
-def _excess(phi: float, random: float) -> float | None:
-    """How far φ is from chance toward 1: (φ − random)/(1 − random); None when r ≥ d makes φ = 1."""
-    return (phi - random) / (1 - random) if random < 1 - 1e-9 else None
-
-
-def _iter_subspaces(pairs):
-    """(w, v, A-subspace of w, of v, ΔW column space of w, of v) per pair, batched by shape."""
-    import torch
-
-    def size(pair):
-        w, v = pair
-        return (w.out_features, w.in_features, w.r, v.r), w.experts * (w.r + v.r) * (w.out_features + w.in_features)
-
-    for run in batches(pairs, size):
-        with _one_thread():
-            f1 = [w.factors() for w, _ in run]
-            f2 = [v.factors() for _, v in run]
-            b1, a1 = torch.cat([f[0] for f in f1]), torch.cat([f[1] for f in f1])
-            b2, a2 = torch.cat([f[0] for f in f2]), torch.cat([f[1] for f in f2])
-            va1, va2 = right_singular_vectors(a1), right_singular_vectors(a2)
-            u1, u2 = column_space(b1, a1), column_space(b2, a2)
-        start = 0
-        for w, v in run:
-            part = slice(start, start + w.experts)
-            start += w.experts
-            yield w, v, va1[part], va2[part], u1[part], u2[part]
-
-
 def _similarity_verdicts(c: Comparison) -> list[Verdict]:
     top = statistics.fmean(w.top for w in c.weights)
     full = statistics.fmean(w.full for w in c.weights)

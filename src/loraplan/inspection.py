@@ -26,11 +26,7 @@ class ModuleGroup:
     peft_name: str  # what selects exactly this group in target_modules / target_parameters
     layers: str  # "0-31", or "" outside the layer stack
     tied: bool = False
-
-    @property
-    def shape(self) -> str:
-        text = f"{self.in_features}→{self.out_features}"
-        return f"{self.experts}×{text}" if self.experts > 1 else text
+    shape: str = ""  # "in→out", "E×in→out" for experts
 
 
 @dataclass
@@ -53,7 +49,7 @@ class Inspection:
             "total_params": s.total_params,
             "num_layers": s.num_layers,
             "tied_embeddings": s.tied_embeddings,
-            "modules": [dict(vars(g), shape=g.shape) for g in self.groups],
+            "modules": [vars(g) for g in self.groups],
             "target_modules_by_role": self.roles,
             "notes": self.notes,
         }
@@ -84,7 +80,7 @@ def inspect_structure(structure: ModelStructure) -> Inspection:
             pattern=pattern, role=first.role, guess=first.guess, cls=first.cls, kind=first.kind,
             in_features=first.in_features, out_features=first.out_features, experts=first.experts,
             count=len(members), params=0 if tied else weight, peft_name=peft_name,
-            layers=format_layers(layers) if layers else "", tied=tied))
+            layers=format_layers(layers) if layers else "", tied=tied, shape=first.shape_text))
     roles: dict[str, list[str]] = {}
     for key in [r for r in ROLES if r != "other"] + list(GROUPS) + ["all-linear"]:
         try:

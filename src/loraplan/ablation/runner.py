@@ -104,13 +104,23 @@ def _memory_estimate(structure, trial: Trial, spec: SweepSpec) -> int | None:
 
 def sweep(model: str | None = None, data: str | None = None, *, eval: str | None = None,
           config: str | Path | None = None, out: str | Path = "sweep", overrides: dict | None = None,
-          dry_run: bool = False, progress: bool = True, random_init: bool = False) -> SweepResult:
-    """Run (or resume) a sweep: `loraplan sweep` as a function."""
+          from_file: str | Path | None = None, from_probe: str | Path | None = None, dry_run: bool = False,
+          progress: bool = True, random_init: bool = False) -> SweepResult:
+    """Run (or resume) a sweep: `loraplan sweep` as a function. `from_file` adds an existing config
+    (PEFT adapter_config.json, axolotl / LLaMA-Factory YAML) as one more trial."""
     overrides = dict(overrides or {})
     overrides.setdefault("model", model)
     overrides.setdefault("data.train", data)
     overrides.setdefault("data.eval", eval)
+    probe_data = None
+    if from_probe is not None:
+        probe_data = _read_probe(from_probe)
+        if overrides.get("grid") or overrides.get("trials"):
+            raise UsageError("give either --grid/trials or --from-probe", "--from-probe builds the grid around the probe's plan")
+        overrides["grid"] = grid_from_probe(probe_data)
     spec = load_spec(config, overrides)
+    if from_file is not None:
+        spec = with_trial_from_file(spec, from_file)
     if not spec.model:
         raise UsageError("no model given", "loraplan sweep MODEL --data FILE")
     if not spec.data.train:
@@ -148,6 +158,8 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     }
     ledger = SweepLedger(out)
     done = set(ledger.open(header, [t.name for t in trials]))
+    if probe_data is not None:
+        write_json(out / "probe.json", probe_data)  # the report shows the probe next to the sweep
     pending = [t for t in trials if t.name not in done]
     t = spec.training
     steps = training_steps(splits.train, t.max_steps, t.batch_size, t.micro_batch_size, t.seed)
@@ -178,6 +190,42 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     summary["warnings"] = warnings
     write_outputs(out, results, summary, ledger)
     return SweepResult(out, trials, results, summary, warnings)
+
+
+def _read_probe(path: str | Path) -> dict:
+    try:
+        data = read_json(Path(path))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the probe result {path}: {e}", "write it with `loraplan probe … --out probe.json`") from None
+    if not isinstance(data, dict) or not data.get("plan"):
+        raise UsageError(f"{path} holds no probe plan", "write it with `loraplan probe … --out probe.json`")
+    return data
+
+
+def grid_from_probe(data: dict) -> dict:
+    """The probe's plan, half and twice its rank, next to every linear layer at the same ranks."""
+    plan = data["plan"]
+    r = int(plan["r"])
+    return {"targets": list(dict.fromkeys([plan["targets"], "all-linear"])),
+            "r": sorted({max(1, r // 2), r, 2 * r}), "alpha": ["r"]}
+
+
+def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
+    """The spec plus the config in PATH as a trial named `from_<file>` (with the seeds' grid when the
+    spec names no trials of its own)."""
+    from ..config_files import read_plan_fields
+    from .spec import TrialSpec, seed_grid
+
+    fields = read_plan_fields(path)
+    unsupported = {k: v for k, v in fields.items()
+                   if k in ("bias", "modules_to_save", "rank_pattern", "alpha_pattern", "lora_bias") and v}
+    if unsupported:
+        raise UsageError(f"{path}: the sweep does not vary {', '.join(unsupported)}",
+                         "remove them from the file, or count/train that config outside the sweep")
+    keep = ("targets", "r", "lora_alpha", "use_rslora", "use_dora", "loraplus_lr_ratio", "lora_dropout", "layers")
+    trial = TrialSpec(name=f"from_{Path(path).stem}", **{k: v for k, v in fields.items() if k in keep and v is not None})
+    base = list(spec.trials or []) or ([] if spec.grid is not None else seed_grid())
+    return spec.model_copy(update={"trials": base + [trial]})
 
 
 def _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars) -> None:

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diagnose": ("diagnose", "overfitting, underfitting, instability and the alpha trap in a run's curves"),
     "merge": ("merge", "merge an adapter into its base after checking it fits; verified, safetensors"),
     "recommend": ("recommend", "a LoRA plan for your task and data size, each choice with its reason; exports"),
+    "probe": ("probe", "importance per module and an intrinsic-rank estimate from a few gradient batches"),
     "sweep": ("sweep", "the ablation: short runs of a grid of LoRA configs, ranked, resumable"),
     "planted": ("planted", "write a task with a known answer: a base model, a planted low-rank update, data"),
     "demo": ("demo", "the whole journey offline on CPU: planted task -> sweep -> recommendation"),

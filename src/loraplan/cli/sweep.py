@@ -23,6 +23,11 @@ def register(parser):
     parser.add_argument("--data", help="training data: .jsonl/.json/.csv/.parquet or a Hub dataset id")
     parser.add_argument("--eval", help="eval data (default: a held-out 10%% of --data, fixed seed)")
     parser.add_argument("--config", help="a sweep spec (YAML); flags override it")
+    parser.add_argument("--from-probe", metavar="PROBE_JSON",
+                        help="a grid around `loraplan probe --out` 's plan: its targets and all-linear × r/2, r, 2r")
+    parser.add_argument("--from", dest="from_file", metavar="FILE",
+                        help="add your existing config as a trial: a PEFT adapter_config.json (or adapter folder), "
+                             "an axolotl or LLaMA-Factory YAML")
     parser.add_argument("--out", required=True, help="the sweep directory (the ledger); reuse it to resume")
     parser.add_argument("--format", choices=["auto", "text", "prompt_completion", "alpaca", "chat"], default=None)
     parser.add_argument("--max-length", type=positive_int, default=None, help="tokens per example (default 512)")
@@ -65,7 +70,9 @@ def run(args) -> int:
     from ..counting import human_bytes, human_count
 
     result = sweep(args.model, args.data, eval=args.eval, config=args.config, out=args.out,
-                   overrides=overrides_from_args(args), dry_run=args.dry_run, progress=not args.json)
+                   overrides=overrides_from_args(args), from_file=args.from_file, from_probe=args.from_probe,
+                   dry_run=args.dry_run,
+                   progress=not args.json)
     if args.json:
         emit_json(result.to_json())
         return 0
