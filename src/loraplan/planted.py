@@ -180,7 +180,11 @@ def make_planted_task(out: str | Path, spec: PlantedSpec | None = None, **overri
 
 
 def _sample(model, n: int, length: int, seed: int):
-    """n sequences of `length` tokens after BOS, sampled at temperature 1 (special tokens excluded)."""
+    """n sequences of `length` tokens after BOS, sampled from the teacher at temperature 1 over its
+    whole vocabulary. Nothing is masked: data drawn from a model's own distribution has an expected
+    gradient of exactly zero at that model, so at the base every bit of the expected gradient comes
+    from the planted update (masking, say, the special tokens would add a signal of its own). Only the
+    first token may not be BOS, which the tokenizer would take for the BOS it adds."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -194,7 +198,8 @@ def _sample(model, n: int, length: int, seed: int):
                 step = model(input_ids=nxt, past_key_values=past, use_cache=True)
                 past = step.past_key_values
                 logits = step.logits[:, -1].float()
-                logits[:, :3] = -math.inf
+                if ids.shape[1] == 1:
+                    logits[:, 1] = -math.inf
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
                 ids = torch.cat([ids, nxt], dim=1)
             chunks.append(ids)
