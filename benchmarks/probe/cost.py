@@ -1,0 +1,60 @@
+"""The probe's cost on a big model (random init is fine for cost): time and peak GPU memory.
+
+    python benchmarks/probe/cost.py --shape llama-8b --batches 8 --out $OUT
+
+Batches are the sweep benchmark's synthetic sequences (8 per batch, 64-512 random tokens), so the
+figures sit next to one trial of benchmarks/sweep/RESULTS.md on the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b"}
+
+
+def main() -> None:
+    import torch
+
+    from loraplan.ablation.batches import training_steps
+    from loraplan.data import TokenizedExample
+    from loraplan.probing import _candidates, probe_batches
+    from loraplan.sources import load_model, load_structure
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama-8b", choices=list(SHAPES))
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    args = p.parse_args()
+    model = SHAPES[args.shape]
+    rng = random.Random(1)
+    examples = []
+    for _ in range(200):
+        ids = [rng.randrange(1000, 128256) for _ in range(rng.randint(64, 512))]
+        examples.append(TokenizedExample(input_ids=ids, labels=list(ids)))
+    batches = [s[0] for s in training_steps(examples, args.batches, 8, None, 0)]
+    t0 = time.time()
+    net = load_model(model, dtype="bf16", random_init=True)
+    load_s = time.time() - t0
+    structure = load_structure(model)
+    modules = _candidates(structure, "all-linear")
+    result = probe_batches(net, structure, modules, batches, pad_id=0, progress=True)
+    row = {"shape": args.shape, "batches": args.batches, "tokens": result.tokens, "probe_s": result.seconds,
+           "load_s": round(load_s, 1), "peak_gib": round((result.peak_memory_bytes or 0) / 2**30, 2),
+           "notes": result.notes, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "roles": [(r.role, round(r.share, 3), r.rank) for r in result.roles]}
+    print(json.dumps(row), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"probe_cost_{args.shape}.json").write_text(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
