@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e.one_line(), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted (a sweep keeps its finished trials: rerun the same command to resume)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `loraplan inspect … | head`
         sys.stderr.close()
