@@ -33,6 +33,7 @@ class SweepResult:
     warnings: list[str]
     dry_run: bool = False
     preview: list[dict] | None = None
+    data: list[str] | None = None  # one line per split: examples, tokens, truncated, dropped
 
     def to_json(self) -> dict:
         return {"out": str(self.out), "summary": self.summary, "warnings": self.warnings,
@@ -189,7 +190,9 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     summary = summarize(results)
     summary["warnings"] = warnings
     write_outputs(out, results, summary, ledger)
-    return SweepResult(out, trials, results, summary, warnings)
+    return SweepResult(out, trials, results, summary, warnings,
+                       data=[splits.train_summary.describe(), f"eval ({splits.eval_source}): "
+                             + splits.eval_summary.describe()])
 
 
 def _read_probe(path: str | Path) -> dict:

@@ -89,6 +89,8 @@ def run(args) -> int:
         print(f"{len(rows)} trials; nothing trained (--dry-run)")
         return 0
     print()
+    for line in result.data or []:
+        print(f"data: {line}")
     print(table(RESULT_HEADERS, result_rows(result.results, result.summary), "llrrllrlllrrrl"))
     print()
     s = result.summary
