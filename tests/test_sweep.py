@@ -208,3 +208,13 @@ def test_from_file_adds_the_users_config_as_a_trial(workspace, tmp_path, capsys)
                  "--from", str(config)])
     out = capsys.readouterr().out
     assert code == 0 and "full_r16_dora" in out and "from_axolotl" in out  # with the seeds' grid
+
+
+def test_the_example_spec_is_valid():
+    from pathlib import Path
+
+    from loraplan.ablation.spec import expand, load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "examples" / "sweep.yaml")
+    names = [t.name for t in expand(spec)]
+    assert len(names) == 10 and names[-1] == "my_current_config"
