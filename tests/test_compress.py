@@ -98,7 +98,7 @@ def test_dora_keeps_its_magnitudes(tmp_path):
     save_adapter(tmp_path / "a", r=8, use_dora=True, target_modules=["q_proj", "down_proj"])
     reference = logits("llama", tmp_path / "a")
     full = compress(tmp_path / "a", tmp_path / "full", rank=8)
-    low = compress(tmp_path / "a", tmp_path / "low", rank=2)
+    compress(tmp_path / "a", tmp_path / "low", rank=2)
     assert any("DoRA" in n for n in full.notes)
     assert json.loads((tmp_path / "low" / "adapter_config.json").read_text())["use_dora"] is True
     kept = read_adapter(tmp_path / "low")

@@ -211,8 +211,6 @@ def test_from_file_adds_the_users_config_as_a_trial(workspace, tmp_path, capsys)
 
 
 def test_the_example_spec_is_valid():
-    from pathlib import Path
-
     from loraplan.ablation.spec import expand, load_spec
 
     spec = load_spec(Path(__file__).parents[1] / "examples" / "sweep.yaml")

@@ -622,25 +622,23 @@ def rank_series(runs: list[Run], noise: float | None, trapped: set) -> list[Find
             continue
         best = min(done, key=lambda m: (m.eval_loss, m.r))
         caveat = " (confounded: alpha/r differs across these ranks)" if group in trapped else ""
-        low = [m for m in done if m.r < best.r and m.eval_loss - best.eval_loss > _noise(m, best, noise)]
-        high = [m for m in done if m.r > best.r and m.eval_loss - best.eval_loss > _noise(m, best, noise)]
         evidence = {"group": list(group), "best": best.name, "best_r": best.r, "best_eval_loss": best.eval_loss}
-        if low:
+        worse = [m for m in done if m.eval_loss - best.eval_loss > _noise(m, best, noise)]
+        sides = [
+            ([m for m in worse if m.r < best.r], "underfitting", "higher",
+             f"r={best.r} reaches eval loss {best.eval_loss:.4g}; lower ranks are clearly worse", "",
+             f"use r ≥ {best.r} for {_group_text(group)}"),
+            ([m for m in worse if m.r > best.r], "overfitting", "lower",
+             f"higher ranks than r={best.r} ({best.eval_loss:.4g}) are clearly worse",
+             f": past r={best.r} is overfitting territory", f"keep r ≤ {best.r} for {_group_text(group)}, or add data"),
+        ]
+        for side, kind, rank, said, tail, advice in sides:
+            if not side:
+                continue
             rows = ", ".join(f"r={m.r} {m.eval_loss:.4g} (+{m.eval_loss - best.eval_loss:.3g}, noise "
-                             f"±{_noise(m, best, noise):.2g})" for m in sorted(low, key=lambda m: m.r))
+                             f"±{_noise(m, best, noise):.2g})" for m in sorted(side, key=lambda m: m.r))
             out.append(Finding(
-                "underfitting", "warning",
-                f"{_group_text(group)}: r={best.r} reaches eval loss {best.eval_loss:.4g}; lower ranks are clearly "
-                f"worse: {rows}{caveat}",
-                {**evidence, "worse": [{"name": m.name, "r": m.r, "eval_loss": m.eval_loss} for m in low]},
-                rank="higher", advice=f"use r ≥ {best.r} for {_group_text(group)}"))
-        if high:
-            rows = ", ".join(f"r={m.r} {m.eval_loss:.4g} (+{m.eval_loss - best.eval_loss:.3g}, noise "
-                             f"±{_noise(m, best, noise):.2g})" for m in sorted(high, key=lambda m: m.r))
-            out.append(Finding(
-                "overfitting", "warning",
-                f"{_group_text(group)}: higher ranks than r={best.r} ({best.eval_loss:.4g}) are clearly worse: "
-                f"{rows}: past r={best.r} is overfitting territory{caveat}",
-                {**evidence, "worse": [{"name": m.name, "r": m.r, "eval_loss": m.eval_loss} for m in high]},
-                rank="lower", advice=f"keep r ≤ {best.r} for {_group_text(group)}, or add data"))
+                kind, "warning", f"{_group_text(group)}: {said}: {rows}{tail}{caveat}",
+                {**evidence, "worse": [{"name": m.name, "r": m.r, "eval_loss": m.eval_loss} for m in side]},
+                rank=rank, advice=advice))
     return out

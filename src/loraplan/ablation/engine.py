@@ -19,6 +19,7 @@ from ..errors import UsageError
 from ..plan import LoraPlan
 from .batches import IGNORE, MicroBatch
 from .ledger import TrialRecorder, now
+from .selection import weighted_mean_sem
 from .spec import TrainingSettings, Trial
 
 # A loss above this multiple of its starting value is a blow-up (the run has diverged), even when
@@ -374,16 +375,3 @@ def causal_lm_loss_sum(logits, labels):
 
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
-
-
-def weighted_mean_sem(values: list[float], weights: list[int]) -> tuple[float | None, float | None]:
-    """Token-weighted mean of per-batch losses and its standard error (ratio estimator)."""
-    if not values:
-        return None, None
-    total = sum(weights)
-    mean = sum(v * w for v, w in zip(values, weights, strict=True)) / total
-    n = len(values)
-    if n < 2:
-        return mean, None
-    var = sum((w * (v - mean)) ** 2 for v, w in zip(values, weights, strict=True)) / total ** 2 * n / (n - 1)
-    return mean, math.sqrt(var)

@@ -24,12 +24,8 @@ def paired_noise(trial: dict, best: dict) -> float | None:
     b = (best.get("eval_batches") or {})
     la, lb, w = a.get("loss"), b.get("loss"), a.get("tokens")
     if la and lb and w and len(la) == len(lb) > 1 and w == b.get("tokens"):
-        diffs = [x - y for x, y in zip(la, lb, strict=True)]
-        total = sum(w)
-        mean = sum(d * n for d, n in zip(diffs, w, strict=True)) / total
-        n = len(diffs)
-        var = sum((n_i * (d - mean)) ** 2 for d, n_i in zip(diffs, w, strict=True)) / total ** 2 * n / (n - 1)
-        return NOISE_SIGMAS * math.sqrt(var)
+        _, sem = weighted_mean_sem([x - y for x, y in zip(la, lb, strict=True)], w)
+        return NOISE_SIGMAS * sem
     sa, sb = trial.get("eval_loss_sem"), best.get("eval_loss_sem")
     if _finite(sa) and _finite(sb):
         return NOISE_SIGMAS * math.sqrt(sa ** 2 + sb ** 2)
@@ -83,3 +79,16 @@ def summarize(results: list[dict]) -> dict:
 def _typical_noise(table: dict, best: str) -> float | None:
     values = sorted(v["noise"] for k, v in table.items() if k != best and v["noise"] is not None)
     return values[len(values) // 2] if values else None
+
+
+def weighted_mean_sem(values: list[float], weights: list[int]) -> tuple[float | None, float | None]:
+    """Token-weighted mean of per-batch losses and its standard error (ratio estimator)."""
+    if not values:
+        return None, None
+    total = sum(weights)
+    mean = sum(v * w for v, w in zip(values, weights, strict=True)) / total
+    n = len(values)
+    if n < 2:
+        return mean, None
+    var = sum((w * (v - mean)) ** 2 for v, w in zip(values, weights, strict=True)) / total ** 2 * n / (n - 1)
+    return mean, math.sqrt(var)
