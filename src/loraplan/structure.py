@@ -138,7 +138,7 @@ class ModelStructure:
     def from_json(cls, data: dict, source: str = "") -> ModelStructure:
         from .roles import assign_roles
 
-        names = _ungroup(data["module_names"])
+        names = _ungroup_values(data["module_names"])
         params = dict(_ungroup_values(data["params"]))
         raw = [
             ModuleInfo(name, *fields)
@@ -199,10 +199,6 @@ def _ungroup_values(groups: list) -> list[tuple[str, object]]:
     for pattern, value, indices in groups:
         out.extend((_fill(pattern, idx), value) for idx in indices)
     return out
-
-
-def _ungroup(groups: list) -> list[tuple[str, object]]:
-    return _ungroup_values(groups)
 
 
 # -- building from transformers -----------------------------------------------------------------
