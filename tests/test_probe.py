@@ -8,7 +8,7 @@ import torch
 
 from loraplan.cli import main
 from loraplan.planted import PlantedSpec, make_planted_task
-from loraplan.probing import _inverse_sqrt, probe
+from loraplan.probing import DAMPING, _Whitener, probe
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +54,25 @@ def test_no_planted_change_means_no_signal(tmp_path):
     assert result.snr < 0.5 and any("weak against its noise" in n for n in result.notes)
 
 
-def test_inverse_sqrt_whitens_up_to_its_damping():
-    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
-    eigenvalues = torch.tensor([4.0, 3, 2.5, 2, 1.5, 1.2, 1.1, 1.0], dtype=torch.float64)
-    cov = (q * eigenvalues) @ q.T
-    w = _inverse_sqrt(cov).double()
-    damping = 1e-2 * eigenvalues.mean()
-    expected = (q * (eigenvalues / (eigenvalues + damping))) @ q.T  # (F + λ)^-1/2 F (F + λ)^-1/2
-    assert torch.allclose(w @ cov @ w, expected, atol=1e-5)
+def test_whitener_gives_the_symmetric_inverse_square_roots_energy_and_cross_term():
+    """W = L⁻¹ (Cholesky) and the symmetric (F + λ)^-1/2 differ by a rotation: the same ⟨M₁, M₂⟩."""
+    torch.manual_seed(0)
+    dim, n = 12, 40
+    x = torch.randn(n, dim, dtype=torch.float64) * torch.linspace(0.1, 3, dim, dtype=torch.float64)
+    factor = x.T @ x
+    w = _Whitener(factor.float(), n)
+    f = factor / n
+    damped = f + DAMPING * f.diagonal().mean() * torch.eye(dim, dtype=torch.float64)
+    wd = w.inverse.double()
+    assert torch.allclose(wd @ damped @ wd.T, torch.eye(dim, dtype=torch.float64), atol=1e-4)  # W F Wᵀ = I
+    eigenvalues, vectors = torch.linalg.eigh(damped)
+    symmetric = (vectors * eigenvalues.rsqrt()) @ vectors.T
+    g1, g2 = torch.randn(5, dim), torch.randn(5, dim)
+    expected = float(((g1.double() @ symmetric) * (g2.double() @ symmetric)).sum())
+    assert abs(float((w.right(g1) * w.right(g2)).sum()) - expected) < 1e-4 * abs(expected)
+    diagonal = _Whitener(factor.diagonal().float(), n)  # the wide-factor form: per-channel scale
+    d = f.diagonal()
+    assert torch.allclose(diagonal.right(g1).double(), g1.double() / (d + DAMPING * d.mean()).sqrt(), rtol=1e-5)
 
 
 def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys):
@@ -78,3 +89,38 @@ def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys):
     assert code == 0 and f"all-linear_r{r}" in listing and f"all-linear_r{2 * r}" in listing
     code = main(["probe", str(mlp_task.base), "--data", str(mlp_task.train), "--batches", "3"])
     assert code == 2 and "at least 4" in capsys.readouterr().err
+
+
+def test_layer_groups_and_shared_input_factors_leave_the_signal_unchanged(mlp_task):
+    """One pass for all layers or one pass per layer (what a small memory budget forces): the same
+    per-module signal; q/k/v (and gate/up) share one input factor, counted once per token."""
+    from loraplan.ablation.batches import training_steps
+    from loraplan.data import load_data
+    from loraplan.probing import _candidates, _SharedInputs, _Stats, probe_batches
+    from loraplan.sources import load_model, load_structure, load_tokenizer
+
+    model = load_model(str(mlp_task.base), dtype="fp32", device="cpu")
+    tokenizer = load_tokenizer(str(mlp_task.base))
+    structure = load_structure(str(mlp_task.base))
+    modules = _candidates(structure, "all-linear")
+    batches = [s[0] for s in training_steps(load_data(str(mlp_task.train), tokenizer, max_length=64).train,
+                                            4, 16, None, 0)]
+    together = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1 << 40)
+    apart = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1)
+    assert any("4 passes" in n for n in apart.notes) and not any("passes" in n for n in together.notes)
+    for a, b in zip(together.modules, apart.modules, strict=True):
+        assert a.name == b.name and a.signal == pytest.approx(b.signal, rel=1e-4, abs=1e-9)
+
+    attention = model.model.layers[0].self_attn
+    inputs = _SharedInputs()
+    stats = [_Stats(getattr(attention, f"{p}_proj"), False, inputs) for p in "qkv"]
+    for st in stats:
+        st.attach()
+    x = torch.randn(2, 5, model.config.hidden_size)
+    for _ in range(2):
+        sum(getattr(attention, f"{p}_proj")(x).sum() for p in "qkv").backward()
+        inputs.end_batch()
+    for st in stats:
+        st.detach()
+    assert stats[0].input is stats[1].input is stats[2].input and stats[0].input.n == 2 * 10
+    assert torch.allclose(stats[0].input.matrix, 2 * x.reshape(10, -1).T @ x.reshape(10, -1), atol=1e-4)

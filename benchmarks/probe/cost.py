@@ -47,9 +47,13 @@ def main() -> None:
     structure = load_structure(model)
     modules = _candidates(structure, "all-linear")
     result = probe_batches(net, structure, modules, batches, pad_id=0, progress=True)
+    # again in the same process: the first call pays CUDA/cuBLAS/cuSOLVER start-up, as a CLI call would
+    warm = probe_batches(net, structure, modules, batches, pad_id=0)
     row = {"shape": args.shape, "batches": args.batches, "tokens": result.tokens, "probe_s": result.seconds,
+           "probe_warm_s": warm.seconds,
            "load_s": round(load_s, 1), "peak_gib": round((result.peak_memory_bytes or 0) / 2**30, 2),
            "notes": result.notes, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "roles": [(r.role, round(r.share, 3), r.rank) for r in result.roles]}
     print(json.dumps(row), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

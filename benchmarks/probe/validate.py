@@ -19,8 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-CASES = [("mlp", r) for r in (1, 2, 4, 8, 16)] + [("attention", 4), ("down", 2), ("q,v", 2), ("v,o", 4),
-                                                     ("attention,mlp", 4)]
+# (planted roles, rank, strength): strength 1 makes every planted singular value equal to the module's
+# largest; the weaker cases (0.3) are closer to the size of a real fine-tuning update
+CASES = ([("mlp", r, 1.0) for r in (1, 2, 4, 8, 16)]
+         + [("attention", 4, 1.0), ("down", 2, 1.0), ("q,v", 2, 1.0), ("v,o", 4, 1.0), ("attention,mlp", 4, 1.0)]
+         + [("attention", 4, 0.3), ("q,v", 2, 0.3), ("v,o", 4, 0.3), ("mlp", 4, 0.3), ("down", 2, 0.3)])
 
 
 def main() -> None:
@@ -35,10 +38,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for targets, rank in CASES:
-        folder = out / f"task_{targets.replace(',', '+')}_r{rank}"
+    for targets, rank, strength in CASES:
+        folder = out / (f"task_{targets.replace(',', '+')}_r{rank}" + (f"_s{strength}" if strength != 1.0 else ""))
         if not (folder / "planted.json").exists():
-            make_planted_task(folder, PlantedSpec(targets=targets, rank=rank, examples=2000, eval_examples=64))
+            make_planted_task(folder, PlantedSpec(targets=targets, rank=rank, strength=strength, examples=2000,
+                                                  eval_examples=64))
         planted = json.loads((folder / "planted.json").read_text())
         t0 = time.time()
         result = probe(str(folder / "base"), str(folder / "train.jsonl"), batches=args.batches,
@@ -50,7 +54,8 @@ def main() -> None:
         role_rank = {r.role: r.rank for r in result.roles}
         estimate = max(role_rank[r] for r in planted_roles)
         row = {
-            "planted": targets, "planted_roles": sorted(planted_roles), "planted_rank": rank,
+            "planted": targets, "planted_roles": sorted(planted_roles), "planted_rank": rank, "strength": strength,
+            "base_eval_loss": round(planted["base_eval_loss"], 3), "ideal_eval_loss": round(planted["ideal_eval_loss"], 3),
             "ranking": [(r.role, round(r.share, 3), r.rank) for r in result.roles],
             "roles_first": top == planted_roles,
             "rank_estimate": estimate, "rank_within_2x": rank / 2 <= estimate <= 2 * rank,
@@ -60,12 +65,14 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| planted | rank | probe ranking (share, rank est.) | planted roles first | rank estimate | within 2× | probe plan | signal/noise |",
-             "|---|---:|---|---|---:|---|---|---:|"]
+    lines = ["| planted | rank | strength | base → ideal loss | probe ranking (share, rank est.) | planted roles first | "
+             "rank estimate | within 2× | probe plan | signal/noise |",
+             "|---|---:|---:|---|---|---|---:|---|---|---:|"]
     for r in rows:
         ranking = ", ".join(f"{role} {share:.0%} r{k}" for role, share, k in r["ranking"])
         plan = f"{r['plan']['targets']} r{r['plan']['r']}" if r["plan"] else "—"
-        lines.append(f"| {r['planted']} | {r['planted_rank']} | {ranking} | {'yes' if r['roles_first'] else '**no**'} | "
+        lines.append(f"| {r['planted']} | {r['planted_rank']} | {r['strength']} | "
+                     f"{r['base_eval_loss']} → {r['ideal_eval_loss']} | {ranking} | {'yes' if r['roles_first'] else '**no**'} | "
                      f"{r['rank_estimate']} | {'yes' if r['rank_within_2x'] else '**no**'} | {plan} | {r['snr']} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -12,12 +12,18 @@ hold that decrease (the rank a LoRA adapter needs for it).
 
 Noise: the batches are split into two halves with independent gradients M₁, M₂. ⟨M₁, M₂⟩ estimates
 ‖E[M]‖² without the noise energy that inflates ‖M‖² (more for bigger matrices); the cross-Gram of
-M₁ and M₂ in a random sketch estimates the spectrum the same way, and its most negative eigenvalue
-gives the noise floor below which directions are not counted.
+M₁ and M₂ (exact up to EXACT_MAX columns, in a random sketch beyond) estimates the spectrum the same
+way, and its most negative eigenvalue gives the noise floor below which directions are not counted.
 
-Validated on planted tasks (benchmarks/probe/RESULTS.md), including where it fails: the gradient at
-the base measures the first steps, not what an adapter can finally reach, and the MLP (down_proj
-above all) can compensate at first order for changes planted in attention.
+Cost: one forward/backward per batch (per layer group when the statistics do not fit in memory).
+Modules reading the same input (q/k/v, gate/up) share one input factor; whitening uses the inverse
+Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩); factors wider than DENSE_MAX keep only
+their diagonal — a per-channel whitening, which is not equivalent and is not what the planted tasks
+validate; each fold's gradient is summed by autograd in the weights' dtype.
+
+Validated on planted tasks and one real-data task (benchmarks/probe/RESULTS.md), including where it
+fails: the gradient at the base measures the first steps, not what an adapter can finally reach, and
+the MLP (down_proj above all) can compensate at first order for changes planted in attention.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from .errors import UsageError
 from .plan import LoraPlan, Reason
 
 FOLDS = 2
-SKETCH = 64  # columns of the random sketch for the spectrum
+SKETCH = 64  # columns of the random sketch for the spectrum of wide modules
+EXACT_MAX = 1024  # up to this many columns, the cross-Gram is computed exactly
 ENERGY = 0.9  # rank = directions holding this share of a module's signal
 COVER = 0.8  # the plan's targets hold this share of the total signal
 DAMPING = 1e-2  # Tikhonov damping of each Kronecker factor, relative to its mean eigenvalue
+DENSE_MAX = 8192  # wider factors are kept as their diagonal
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ class ProbeResult:
             "tokens": self.tokens,
             "seconds": self.seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
-            "method": "K-FAC-whitened gradient energy, split-half unbiased, sketched spectrum",
+            "method": "K-FAC-whitened gradient energy, split-half unbiased, cross-Gram spectrum",
             "energy": ENERGY,
             "snr": self.snr,
             "roles": [asdict(r) for r in self.roles],
@@ -143,10 +151,11 @@ def _candidates(structure, targets: str):
 
 def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool = False,
                   memory_budget: int | None = None) -> ProbeResult:
-    """The probe proper, on a loaded model and a list of micro-batches. The statistics of big models
-    do not fit at once (a 14336-wide factor is 0.8 GB in fp32): layers are then probed in groups,
-    one pass over the batches per group, within `memory_budget` bytes (default: a third of the free
-    GPU memory, or 8 GiB on a CPU)."""
+    """The probe proper, on a loaded model and a list of micro-batches. When the statistics of all
+    layers do not fit in `memory_budget` bytes (default: on a GPU, what the activations of the longest
+    batch leave free; 8 GiB on a CPU), layers are probed in groups, one pass over the batches per group.
+    The batches split into FOLDS contiguous folds; each fold's gradient is summed where autograd puts
+    it (in the weights' dtype)."""
     import torch
 
     device = next(net.parameters()).device
@@ -156,67 +165,141 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     t0 = time.time()
     net.eval()  # no dropout: the gradient of the model as it is
     net.requires_grad_(False)
-    passes = _passes(modules, memory_budget or _default_budget(device))
+    grad_bytes = next(net.parameters()).element_size()
+    fold_of = [i * FOLDS // len(batches) for i in range(len(batches))]
     signals: dict[str, ModuleSignal] = {}
-    tokens = 0
-    for k, group in enumerate(passes):
-        stats = {m.name: _Stats(by_name[m.name], m.kind == "conv1d") for m in group}
-        for st in stats.values():
-            st.attach()
-        try:
-            for i, mb in enumerate(batches):
-                ids, labels, mask = mb.tensors(device, pad_id)
-                if k == 0:
-                    tokens += int(mask.sum())
-                loss = net(input_ids=ids, attention_mask=mask, labels=labels,
-                           num_items_in_batch=max(mb.supervised, 1)).loss
-                loss.backward()
-                for st in stats.values():
-                    st.end_batch(i % FOLDS)
-                if progress:
-                    print(f"probe pass {k + 1}/{len(passes)} batch {i + 1}/{len(batches)}: loss {loss.item():.4f}",
-                          file=sys.stderr, flush=True)
-        finally:
-            for st in stats.values():
-                st.detach()
-        for m in group:
-            signals[m.name] = _signal(m, stats[m.name])
-        del stats
+    # the factors' products in TF32 (fp32 sums): in full fp32 they cost as much as the passes themselves
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with _attention_kernels(device):
+            if memory_budget is None:
+                memory_budget = _default_budget(net, modules, batches, pad_id, grad_bytes)
+            passes = _passes(modules, memory_budget, grad_bytes)
+            for k, group in enumerate(passes):
+                signals.update(_probe_layers(net, by_name, group, batches, pad_id, device, fold_of,
+                                             f"{k + 1}/{len(passes)}" if progress else None))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    tokens = sum(int(mb.tensors("cpu", pad_id)[2].sum()) for mb in batches)
     ordered = [signals[m.name] for m in modules]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     result = ProbeResult(model="", data="", batches=len(batches), tokens=tokens, seconds=round(time.time() - t0, 3),
                          peak_memory_bytes=peak, modules=ordered, roles=_roles(ordered), plan=None)
     if len(passes) > 1:
         result.notes.append(f"{len(passes)} passes over the batches (layer groups) to fit the statistics in memory")
+    wide = sorted({d for m in modules for d in (m.in_features, m.out_features) if d > DENSE_MAX})
+    if wide:
+        result.notes.append(f"factors wider than {DENSE_MAX} ({', '.join(map(str, wide))}) are whitened by their "
+                            "diagonal (per-channel scale) to bound memory")
     if result.snr < 0.5:
         result.notes.append(f"the gradient signal is weak against its noise (signal/noise {result.snr:.2f}): "
                             "probe more batches before trusting the ranking")
     return result
 
 
-def _stats_bytes(m) -> int:
-    # two fp32 Kronecker factors, two fp32 fold gradients, and the whitening temporaries
-    return 4 * (2 * m.in_features ** 2 + 2 * m.out_features ** 2 + 4 * m.in_features * m.out_features)
+def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) -> dict[str, ModuleSignal]:
+    """One pass over the batches with the statistics of `group`'s modules attached; their signals."""
+    inputs = _SharedInputs()
+    signals = {}
+    stats = {m.name: _Stats(by_name[m.name], m.kind == "conv1d", inputs) for m in group}
+    for st in stats.values():
+        st.attach()
+    try:
+        for i, mb in enumerate(batches):
+            ids, labels, mask = mb.tensors(device, pad_id)
+            loss = net(input_ids=ids, attention_mask=mask, labels=labels,
+                       num_items_in_batch=max(mb.supervised, 1)).loss
+            loss.backward()
+            inputs.end_batch()
+            if i + 1 == len(batches) or fold_of[i + 1] != fold_of[i]:
+                for st in stats.values():
+                    st.end_fold(fold_of[i])
+            if label:
+                print(f"probe pass {label} batch {i + 1}/{len(batches)}: loss {loss.item():.4f}",
+                      file=sys.stderr, flush=True)
+    finally:
+        for st in stats.values():
+            st.detach()
+    whiteners: dict[int, _Whitener] = {}  # one per shared input factor
+    for m in group:
+        st = stats[m.name]
+        if st.input is not None and id(st.input) not in whiteners:
+            whiteners[id(st.input)] = _Whitener(st.input.matrix, st.input.n)
+        signals[m.name] = _signal(m, st, whiteners.get(id(st.input)))
+        st.folds = [None] * FOLDS  # free as we go
+    return signals
 
 
-def _default_budget(device) -> int:
+def _attention_kernels(device):
+    """A few batches of as many shapes: cuDNN's attention would build a plan for each shape, which
+    takes longer than the passes themselves, so the probe uses the plan-free kernels."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _factor_bytes(dim: int) -> int:
+    return 4 * (dim * dim if dim <= DENSE_MAX else dim)
+
+
+def _layer_bytes(group, grad_bytes: int) -> int:
+    """Statistics of one layer: an input factor per distinct input (q/k/v read the same one, as do
+    gate/up), an output factor and FOLDS fold gradients per module."""
+    inputs = {(m.in_features, m.role in ("q", "k", "v"), m.role in ("gate", "up")) for m in group}
+    size = sum(_factor_bytes(dim) for dim, *_ in inputs)
+    return size + sum(_factor_bytes(m.out_features) + FOLDS * grad_bytes * m.in_features * m.out_features
+                      for m in group)
+
+
+def _whitening_bytes(group) -> int:
+    """Temporaries of the whitening, one module at a time: the folds in fp32, their whitened copies,
+    and a float64 factor with its Cholesky factor and inverse."""
+    return max(4 * 3 * FOLDS * m.in_features * m.out_features
+               + 24 * max(min(m.in_features, DENSE_MAX), min(m.out_features, DENSE_MAX)) ** 2 for m in group)
+
+
+def _default_budget(net, modules, batches, pad_id: int, grad_bytes: int) -> int:
+    """On a GPU: everything the probe's statistics may take. If all layers fit in half the free memory,
+    that is it; otherwise the activations of the longest batch are measured (a forward and backward
+    without statistics) and the statistics get what they leave, less a 10% margin."""
     import torch
 
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 3
-    return 8 << 30
+    device = next(net.parameters()).device
+    if device.type != "cuda":
+        return 8 << 30
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache
+    if sum(_layer_bytes([m], grad_bytes) for m in modules) + _whitening_bytes(modules) <= free // 2:
+        return free // 2
+    longest = max(batches, key=lambda mb: mb.tensors("cpu", pad_id)[0].numel())
+    ids, labels, mask = longest.tensors(device, pad_id)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    embeddings = net.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_())
+    try:
+        net(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    finally:
+        hook.remove()
+    activations = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.reset_peak_memory_stats(device)
+    return max(int(0.9 * free) - activations, 0)
 
 
-def _passes(modules, budget: int) -> list[list]:
+def _passes(modules, budget: int, grad_bytes: int = 4) -> list[list]:
     """Whole layers per pass, as many as fit the budget (a layer alone always gets a pass)."""
     layers: dict = {}
     for m in modules:
         layers.setdefault(m.layer, []).append(m)
     passes, current, used = [], [], 0
     for group in layers.values():
-        size = sum(_stats_bytes(m) for m in group)
-        if current and used + size > budget:
+        size = _layer_bytes(group, grad_bytes)
+        if current and used + size + _whitening_bytes(current + group) > budget:
             passes.append(current)
             current, used = [], 0
         current.extend(group)
@@ -226,15 +309,52 @@ def _passes(modules, budget: int) -> list[list]:
     return passes
 
 
-class _Stats:
-    """Per module: the input and output-gradient second moments (the K-FAC factors) and the weight
-    gradient of each fold."""
+class _Moment:
+    """E[x xᵀ] of a stream of row vectors, summed in fp32: the full matrix up to DENSE_MAX wide, its
+    diagonal beyond (a 14336-wide matrix would be 0.8 GB per module)."""
 
-    def __init__(self, module, transposed: bool):
+    def __init__(self):
+        self.matrix = None
+        self.n = 0
+
+    def add(self, x):
+        x = x.reshape(-1, x.shape[-1]).float()
+        if x.shape[1] > DENSE_MAX:
+            update = x.pow(2).sum(0)
+            self.matrix = update if self.matrix is None else self.matrix.add_(update)
+        else:
+            self.matrix = x.T @ x if self.matrix is None else self.matrix.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+
+class _SharedInputs:
+    """Modules that read the same tensor (q/k/v, gate/up) share one input factor: in each forward
+    pass the first module to see a tensor adds it to its moment, the others point at that moment."""
+
+    def __init__(self):
+        self.seen: dict = {}  # (data_ptr, shape) -> _Moment, for the current forward pass
+
+    def read(self, x, own: _Moment | None) -> _Moment:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in self.seen:
+            self.seen[key] = own or _Moment()
+            self.seen[key].add(x)
+        return self.seen[key]
+
+    def end_batch(self):
+        self.seen = {}
+
+
+class _Stats:
+    """Per module: its input factor (perhaps shared), the second moment of the gradients at its
+    outputs (the K-FAC factors), and the summed weight gradient of each fold."""
+
+    def __init__(self, module, transposed: bool, inputs: _SharedInputs):
         self.module = module
         self.transposed = transposed  # transformers Conv1D stores the weight as (in, out)
-        self.a = self.s = None
-        self.n = 0
+        self.inputs = inputs
+        self.input: _Moment | None = None
+        self.output = _Moment()
         self.folds: list = [None] * FOLDS
         self.hook = None
 
@@ -253,51 +373,73 @@ class _Stats:
 
         if not torch.is_grad_enabled():
             return
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        self.a = x.T @ x if self.a is None else self.a.addmm_(x.T, x)
-        self.n += x.shape[0]
+        self.input = self.inputs.read(inputs[0].detach(), self.input)
         output.register_hook(self._backward)
 
     def _backward(self, grad):
-        g = grad.detach().reshape(-1, grad.shape[-1]).float()
-        self.s = g.T @ g if self.s is None else self.s.addmm_(g.T, g)
+        self.output.add(grad.detach())
 
-    def end_batch(self, fold: int):
+    def end_fold(self, fold: int):
+        """The weight's .grad holds the sum over the fold's batches: keep it, start the next from zero."""
         grad = self.module.weight.grad
-        if grad is None:
-            return
-        grad = grad.detach().float()
-        if self.transposed:
-            grad = grad.T
-        self.folds[fold] = grad if self.folds[fold] is None else self.folds[fold].add_(grad)
         self.module.weight.grad = None
+        if grad is not None:
+            self.folds[fold] = grad.detach().T if self.transposed else grad.detach()
 
 
-def _inverse_sqrt(matrix):
-    """(F + λI)^-1/2 of a symmetric PSD factor, λ = DAMPING × its mean eigenvalue."""
+class _Whitener:
+    """Applies W with WᵀW = (F + λI)^-1, F a Kronecker factor, λ = DAMPING × its mean eigenvalue:
+    W = L⁻¹ for the Cholesky factor L of a full F (computed in float64, applied as an fp32/TF32
+    product), (diag F + λ)^-1/2 for a diagonal one. Any such W gives the same ⟨M₁, M₂⟩ and the same
+    distribution of sketched spectra as the symmetric F^-1/2 — they differ by a rotation — and a
+    Cholesky factor is many times cheaper than an eigendecomposition."""
+
+    def __init__(self, matrix, n: int):
+        import torch
+
+        f = matrix.double() / max(n, 1)
+        if f.dim() == 1:
+            self.diagonal = (f.clamp_min(0) + DAMPING * f.clamp_min(0).mean()).rsqrt().float()
+            self.inverse = None
+            return
+        damping = DAMPING * f.diagonal().clamp_min(0).mean()
+        f.diagonal().add_(damping)
+        cholesky, info = torch.linalg.cholesky_ex(f)
+        if int(info):  # not positive definite in float64 rounding: damp further
+            f.diagonal().add_(damping * 10)
+            cholesky = torch.linalg.cholesky(f)
+        identity = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
+        self.inverse = torch.linalg.solve_triangular(cholesky, identity, upper=False).float()
+        self.diagonal = None
+
+    def left(self, g):
+        """W · g (g may carry a leading batch dimension)"""
+        return self.diagonal[:, None] * g if self.diagonal is not None else self.inverse @ g
+
+    def right(self, g):
+        """g · Wᵀ"""
+        return g * self.diagonal if self.diagonal is not None else g @ self.inverse.T
+
+
+def _signal(info, stats: _Stats, input_whitener: _Whitener | None) -> ModuleSignal:
     import torch
 
-    eigenvalues, vectors = torch.linalg.eigh(matrix.double())
-    damping = DAMPING * eigenvalues.clamp_min(0).mean()
-    return ((vectors * (eigenvalues.clamp_min(0) + damping).rsqrt()) @ vectors.T).float()
-
-
-def _signal(info, stats: _Stats) -> ModuleSignal:
-    import torch
-
-    if stats.a is None or stats.s is None or any(f is None for f in stats.folds):
+    if input_whitener is None or stats.output.matrix is None or any(f is None for f in stats.folds):
         return ModuleSignal(info.name, info.role, info.layer, 0.0, 0.0, 0, [])
-    left = _inverse_sqrt(stats.s / stats.n)
-    right = _inverse_sqrt(stats.a / stats.n)
-    m1, m2 = (left @ f @ right for f in stats.folds)
+    output_whitener = _Whitener(stats.output.matrix, stats.output.n)
+    m1, m2 = input_whitener.right(output_whitener.left(torch.stack(stats.folds).float()))
     signal = float((m1 * m2).sum())
     naive = float(((m1 + m2) / 2).pow(2).sum())
-    generator = torch.Generator(device=m1.device).manual_seed(0)
-    q = min(SKETCH, m1.shape[1])
-    omega = torch.randn(m1.shape[1], q, generator=generator, device=m1.device) / math.sqrt(q)
-    p1, p2 = m1 @ omega, m2 @ omega
-    cross = (p1.T @ p2 + p2.T @ p1) / 2
-    eigenvalues = torch.linalg.eigvalsh(cross.double()).flip(0)
+    if m1.shape[0] < m1.shape[1]:  # the spectrum lives on the smaller side
+        m1, m2 = m1.T, m2.T
+    if m1.shape[1] <= EXACT_MAX:
+        p1, p2 = m1, m2
+    else:
+        generator = torch.Generator(device=m1.device).manual_seed(0)
+        omega = torch.randn(m1.shape[1], SKETCH, generator=generator, device=m1.device, dtype=m1.dtype)
+        p1, p2 = m1 @ omega / math.sqrt(SKETCH), m2 @ omega / math.sqrt(SKETCH)
+    cross = (p1.T @ p2 + p2.T @ p1).double() / 2
+    eigenvalues = torch.linalg.eigvalsh(cross).flip(0)
     floor = max(-float(eigenvalues.min()), 0.0)
     kept = (eigenvalues - floor).clamp_min(0)
     total = float(kept.sum())
