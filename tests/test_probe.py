@@ -91,9 +91,9 @@ def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys):
     assert code == 2 and "at least 4" in capsys.readouterr().err
 
 
-def test_layer_groups_and_shared_input_factors_leave_the_signal_unchanged(mlp_task):
-    """One pass for all layers or one pass per layer (what a small memory budget forces): the same
-    per-module signal; q/k/v (and gate/up) share one input factor, counted once per token."""
+def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_unchanged(mlp_task):
+    """One pass for all layers, one pass per layer (what a small memory budget forces), or layers
+    recomputed in the backward pass: the same per-module signal; q/k/v (and gate/up) share one input factor, counted once per token."""
     from loraplan.ablation.batches import training_steps
     from loraplan.data import load_data
     from loraplan.probing import _candidates, _SharedInputs, _Stats, probe_batches
@@ -107,9 +107,14 @@ def test_layer_groups_and_shared_input_factors_leave_the_signal_unchanged(mlp_ta
                                             4, 16, None, 0)]
     together = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1 << 40)
     apart = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1)
+    # checkpointed layers run their forward (and the hooks) twice: each statistic still counts once
+    recomputed = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, checkpointing=True)
     assert any("4 passes" in n for n in apart.notes) and not any("passes" in n for n in together.notes)
-    for a, b in zip(together.modules, apart.modules, strict=True):
-        assert a.name == b.name and a.signal == pytest.approx(b.signal, rel=1e-4, abs=1e-9)
+    for a, b, c in zip(together.modules, apart.modules, recomputed.modules, strict=True):
+        assert a.name == b.name == c.name and a.naive > 0
+        assert a.signal == pytest.approx(b.signal, rel=1e-4) == pytest.approx(c.signal, rel=1e-4)
+        assert a.rank == c.rank
+    assert not model.model.layers[0].training and not model.is_gradient_checkpointing
 
     attention = model.model.layers[0].self_attn
     inputs = _SharedInputs()

@@ -28,9 +28,11 @@ the MLP (down_proj above all) can compensate at first order for changes planted 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
@@ -150,12 +152,14 @@ def _candidates(structure, targets: str):
 
 
 def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool = False,
-                  memory_budget: int | None = None) -> ProbeResult:
+                  memory_budget: int | None = None, checkpointing: bool | None = None) -> ProbeResult:
     """The probe proper, on a loaded model and a list of micro-batches. When the statistics of all
     layers do not fit in `memory_budget` bytes (default: on a GPU, what the activations of the longest
     batch leave free; 8 GiB on a CPU), layers are probed in groups, one pass over the batches per group.
     The batches split into FOLDS contiguous folds; each fold's gradient is summed where autograd puts
-    it (in the weights' dtype)."""
+    it (in the weights' dtype). `checkpointing` (default: on a GPU, when the model supports it)
+    recomputes each layer's activations in the backward pass, so the statistics get the memory the
+    activations would have taken: one more forward per batch, fewer passes, a lower peak."""
     import torch
 
     device = next(net.parameters()).device
@@ -171,8 +175,10 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     # the factors' products in TF32 (fp32 sums): in full fp32 they cost as much as the passes themselves
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
+    if checkpointing is None:
+        checkpointing = device.type == "cuda"
     try:
-        with _attention_kernels(device):
+        with _attention_kernels(device), _checkpointed(net, checkpointing):
             if memory_budget is None:
                 memory_budget = _default_budget(net, modules, batches, pad_id, grad_bytes)
             passes = _passes(modules, memory_budget, grad_bytes)
@@ -208,7 +214,7 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
     try:
         for i, mb in enumerate(batches):
             ids, labels, mask = mb.tensors(device, pad_id)
-            loss = net(input_ids=ids, attention_mask=mask, labels=labels,
+            loss = net(input_ids=ids, attention_mask=mask, labels=labels, **_no_cache(net),
                        num_items_in_batch=max(mb.supervised, 1)).loss
             loss.backward()
             inputs.end_batch()
@@ -231,11 +237,32 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
     return signals
 
 
+def _no_cache(net) -> dict:
+    return {"use_cache": False} if hasattr(net.config, "use_cache") else {}
+
+
+@contextlib.contextmanager
+def _checkpointed(net, enabled: bool):
+    """transformers' gradient checkpointing without training mode: only the checkpointed layers say
+    `training` (what makes them checkpoint); their submodules stay in eval (no dropout)."""
+    if not enabled or not getattr(net, "supports_gradient_checkpointing", False):
+        yield
+        return
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
+        net.gradient_checkpointing_disable()
+
+
 def _attention_kernels(device):
     """A few batches of as many shapes: cuDNN's attention would build a plan for each shape, which
     takes longer than the passes themselves, so the probe uses the plan-free kernels."""
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -283,7 +310,7 @@ def _default_budget(net, modules, batches, pad_id: int, grad_bytes: int) -> int:
     embeddings = net.get_input_embeddings()
     hook = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_())
     try:
-        net(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        net(input_ids=ids, attention_mask=mask, labels=labels, **_no_cache(net)).loss.backward()
     finally:
         hook.remove()
     activations = torch.cuda.max_memory_allocated(device) - base
@@ -316,6 +343,7 @@ class _Moment:
     def __init__(self):
         self.matrix = None
         self.n = 0
+        self.batch = -1  # the last batch added: a checkpointed layer runs its forward twice
 
     def add(self, x):
         x = x.reshape(-1, x.shape[-1]).float()
@@ -328,21 +356,29 @@ class _Moment:
 
 
 class _SharedInputs:
-    """Modules that read the same tensor (q/k/v, gate/up) share one input factor: in each forward
-    pass the first module to see a tensor adds it to its moment, the others point at that moment."""
+    """Modules that read the same tensor object (q/k/v, gate/up) share one input factor: the first
+    module to see a tensor adds it to its moment (once per batch: a checkpointed layer runs its
+    forward twice), the others point at that moment. Tensors are told apart by identity, through
+    weak references: a freed tensor's id or memory may be reused by the next layer's input."""
 
     def __init__(self):
-        self.seen: dict = {}  # (data_ptr, shape) -> _Moment, for the current forward pass
+        self.seen: dict = {}  # id(tensor) -> (weak reference, _Moment), for the current batch
+        self.batch = 0
 
     def read(self, x, own: _Moment | None) -> _Moment:
-        key = (x.data_ptr(), tuple(x.shape))
-        if key not in self.seen:
-            self.seen[key] = own or _Moment()
-            self.seen[key].add(x)
-        return self.seen[key]
+        entry = self.seen.get(id(x))
+        if entry is not None and entry[0]() is x:
+            return entry[1]
+        moment = own or _Moment()
+        if moment.batch != self.batch:
+            moment.add(x.detach())
+            moment.batch = self.batch
+        self.seen[id(x)] = (weakref.ref(x), moment)
+        return moment
 
     def end_batch(self):
         self.seen = {}
+        self.batch += 1
 
 
 class _Stats:
@@ -373,11 +409,13 @@ class _Stats:
 
         if not torch.is_grad_enabled():
             return
-        self.input = self.inputs.read(inputs[0].detach(), self.input)
+        self.input = self.inputs.read(inputs[0], self.input)
         output.register_hook(self._backward)
 
     def _backward(self, grad):
-        self.output.add(grad.detach())
+        if self.output.batch != self.inputs.batch:
+            self.output.add(grad.detach())
+            self.output.batch = self.inputs.batch
 
     def end_fold(self, fold: int):
         """The weight's .grad holds the sum over the fold's batches: keep it, start the next from zero."""
