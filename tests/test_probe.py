@@ -60,16 +60,20 @@ def test_whitener_gives_the_symmetric_inverse_square_roots_energy_and_cross_term
     dim, n = 12, 40
     x = torch.randn(n, dim, dtype=torch.float64) * torch.linspace(0.1, 3, dim, dtype=torch.float64)
     factor = x.T @ x
-    w = _Whitener(factor.float(), n)
     f = factor / n
     damped = f + DAMPING * f.diagonal().mean() * torch.eye(dim, dtype=torch.float64)
-    wd = w.inverse.double()
-    assert torch.allclose(wd @ damped @ wd.T, torch.eye(dim, dtype=torch.float64), atol=1e-4)  # W F Wᵀ = I
     eigenvalues, vectors = torch.linalg.eigh(damped)
     symmetric = (vectors * eigenvalues.rsqrt()) @ vectors.T
     g1, g2 = torch.randn(5, dim), torch.randn(5, dim)
     expected = float(((g1.double() @ symmetric) * (g2.double() @ symmetric)).sum())
-    assert abs(float((w.right(g1) * w.right(g2)).sum()) - expected) < 1e-4 * abs(expected)
+    for columns in (1, dim):  # a triangular solve, or the explicit inverse
+        w = _Whitener(factor.float(), n, columns)
+        assert (w.inverse is not None) == (columns == dim)
+        wd = w.left(torch.eye(dim)).double()
+        assert torch.allclose(wd @ damped @ wd.T, torch.eye(dim, dtype=torch.float64), atol=1e-4)  # W F Wᵀ = I
+        assert abs(float((w.right(g1) * w.right(g2)).sum()) - expected) < 1e-4 * abs(expected)
+        both = w.right(torch.stack([g1, g2]))  # a leading fold dimension
+        assert torch.allclose(both[1], w.right(g2), atol=1e-5)
     diagonal = _Whitener(factor.diagonal().float(), n)  # the wide-factor form: per-channel scale
     d = f.diagonal()
     assert torch.allclose(diagonal.right(g1).double(), g1.double() / (d + DAMPING * d.mean()).sqrt(), rtol=1e-5)

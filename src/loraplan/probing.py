@@ -33,6 +33,7 @@ import math
 import sys
 import time
 import weakref
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
@@ -228,10 +229,13 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
         for st in stats.values():
             st.detach()
     whiteners: dict[int, _Whitener] = {}  # one per shared input factor
+    columns = Counter()  # how many vectors each input factor will whiten: FOLDS × out per reader
+    for m in group:
+        columns[id(stats[m.name].input)] += FOLDS * m.out_features
     for m in group:
         st = stats[m.name]
         if st.input is not None and id(st.input) not in whiteners:
-            whiteners[id(st.input)] = _Whitener(st.input.matrix, st.input.n)
+            whiteners[id(st.input)] = _Whitener(st.input.matrix, st.input.n, columns[id(st.input)])
         signals[m.name] = _signal(m, st, whiteners.get(id(st.input)))
         st.folds = [None] * FOLDS  # free as we go
     return signals
@@ -427,18 +431,20 @@ class _Stats:
 
 class _Whitener:
     """Applies W with WᵀW = (F + λI)^-1, F a Kronecker factor, λ = DAMPING × its mean eigenvalue:
-    W = L⁻¹ for the Cholesky factor L of a full F (computed in float64, applied as an fp32/TF32
-    product), (diag F + λ)^-1/2 for a diagonal one. Any such W gives the same ⟨M₁, M₂⟩ and the same
-    distribution of sketched spectra as the symmetric F^-1/2 — they differ by a rotation — and a
-    Cholesky factor is many times cheaper than an eigendecomposition."""
+    W = L⁻¹ for the Cholesky factor L of a full F (float64), (diag F + λ)^-1/2 for a diagonal one.
+    Any such W gives the same ⟨M₁, M₂⟩ and the same distribution of sketched spectra as the symmetric
+    F^-1/2 — they differ by a rotation — and a Cholesky factor is many times cheaper than an
+    eigendecomposition. Applied to `columns` vectors in all, it is inverted once and applied as a
+    TF32 product when they are at least as many as its width (q/k/v's shared input, a narrow output
+    of a wide module), or else applied by a float64 triangular solve (fewer flops than inverting)."""
 
-    def __init__(self, matrix, n: int):
+    def __init__(self, matrix, n: int, columns: int = 0):
         import torch
 
         f = matrix.double() / max(n, 1)
+        self.diagonal = self.cholesky = self.inverse = None
         if f.dim() == 1:
             self.diagonal = (f.clamp_min(0) + DAMPING * f.clamp_min(0).mean()).rsqrt().float()
-            self.inverse = None
             return
         damping = DAMPING * f.diagonal().clamp_min(0).mean()
         f.diagonal().add_(damping)
@@ -446,17 +452,27 @@ class _Whitener:
         if int(info):  # not positive definite in float64 rounding: damp further
             f.diagonal().add_(damping * 10)
             cholesky = torch.linalg.cholesky(f)
-        identity = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
-        self.inverse = torch.linalg.solve_triangular(cholesky, identity, upper=False).float()
-        self.diagonal = None
+        if columns >= f.shape[0]:
+            identity = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
+            self.inverse = torch.linalg.solve_triangular(cholesky, identity, upper=False).float()
+        else:
+            self.cholesky = cholesky
 
     def left(self, g):
         """W · g (g may carry a leading batch dimension)"""
-        return self.diagonal[:, None] * g if self.diagonal is not None else self.inverse @ g
+        import torch
+
+        if self.diagonal is not None:
+            return self.diagonal[:, None] * g
+        if self.inverse is not None:
+            return self.inverse @ g
+        return torch.linalg.solve_triangular(self.cholesky, g.double(), upper=False).float()
 
     def right(self, g):
         """g · Wᵀ"""
-        return g * self.diagonal if self.diagonal is not None else g @ self.inverse.T
+        if self.diagonal is not None:
+            return g * self.diagonal
+        return self.left(g.transpose(-1, -2)).transpose(-1, -2)
 
 
 def _signal(info, stats: _Stats, input_whitener: _Whitener | None) -> ModuleSignal:
@@ -464,7 +480,7 @@ def _signal(info, stats: _Stats, input_whitener: _Whitener | None) -> ModuleSign
 
     if input_whitener is None or stats.output.matrix is None or any(f is None for f in stats.folds):
         return ModuleSignal(info.name, info.role, info.layer, 0.0, 0.0, 0, [])
-    output_whitener = _Whitener(stats.output.matrix, stats.output.n)
+    output_whitener = _Whitener(stats.output.matrix, stats.output.n, FOLDS * info.in_features)
     m1, m2 = input_whitener.right(output_whitener.left(torch.stack(stats.folds).float()))
     signal = float((m1 * m2).sum())
     naive = float(((m1 + m2) / 2).pow(2).sum())
