@@ -41,7 +41,7 @@ from .plan import LoraPlan, Reason
 
 FOLDS = 2
 SKETCH = 64  # columns of the random sketch for the spectrum of wide modules
-EXACT_MAX = 1024  # up to this many columns, the cross-Gram is computed exactly
+EXACT_MAX = 256  # up to this many columns the cross-Gram is exact (its eigendecomposition is cheap)
 ENERGY = 0.9  # rank = directions holding this share of a module's signal
 COVER = 0.8  # the plan's targets hold this share of the total signal
 DAMPING = 1e-2  # Tikhonov damping of each Kronecker factor, relative to its mean eigenvalue
