@@ -123,15 +123,20 @@ def stdlib_files(stdlib: Path) -> list[Path]:
             if not SKIPPED_DIRS.intersection(p.relative_to(stdlib).parts[:-1])]
 
 
+def pack(pieces: list[str], limit: int, sep: str = "") -> list[str]:
+    """Consecutive pieces joined by `sep` into chunks of at most `limit` characters (a longer piece alone)."""
+    chunks, current = [], ""
+    for piece in pieces:
+        if current and len(current) + len(sep) + len(piece) > limit:
+            chunks.append(current)
+            current = ""
+        current = f"{current}{sep}{piece}" if current else piece
+    return chunks + [current] if current else chunks
+
+
 def cut_lines(text: str, limit: int) -> list[str]:
     """Consecutive lines grouped into pieces of at most `limit` characters (a longer line alone)."""
-    pieces, current = [], ""
-    for line in text.splitlines(keepends=True):
-        if current and len(current) + len(line) > limit:
-            pieces.append(current)
-            current = ""
-        current += line
-    return pieces + [current] if current else pieces
+    return pack(text.splitlines(keepends=True), limit)
 
 
 def code_chunks(source: str) -> list[str]:
@@ -148,28 +153,16 @@ def code_chunks(source: str) -> list[str]:
         current.append(line)
     if current:
         blocks.append("".join(current))
-    chunks, merged = [], ""
-    for block in blocks:
-        for piece in cut_lines(block, CODE_CHUNK) if len(block) > CODE_CHUNK else [block]:
-            if merged and len(merged) + len(piece) > CODE_CHUNK:
-                chunks.append(merged)
-                merged = ""
-            merged += piece
-    return chunks + [merged] if merged else chunks
+    return pack([piece for block in blocks
+                 for piece in (cut_lines(block, CODE_CHUNK) if len(block) > CODE_CHUNK else [block])], CODE_CHUNK)
 
 
 def prose_chunks(text: str) -> list[str]:
     """Paragraphs of one manual topic grouped up to PROSE_CHUNK characters (longer ones cut at lines)."""
     paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
-    chunks, current = [], ""
-    for paragraph in paragraphs:
-        for piece in cut_lines(paragraph, PROSE_CHUNK) if len(paragraph) > PROSE_CHUNK else [paragraph]:
-            piece = piece.strip("\n")
-            if current and len(current) + 2 + len(piece) > PROSE_CHUNK:
-                chunks.append(current)
-                current = ""
-            current = f"{current}\n\n{piece}" if current else piece
-    return chunks + [current] if current else chunks
+    pieces = [piece.strip("\n") for paragraph in paragraphs
+              for piece in (cut_lines(paragraph, PROSE_CHUNK) if len(paragraph) > PROSE_CHUNK else [paragraph])]
+    return pack(pieces, PROSE_CHUNK, sep="\n\n")
 
 
 def held_out_topics(chunks: dict[str, list[str]], rng: random.Random) -> list[str]:
