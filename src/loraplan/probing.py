@@ -188,7 +188,7 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
                                              f"{k + 1}/{len(passes)}" if progress else None))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    tokens = sum(int(mb.tensors("cpu", pad_id)[2].sum()) for mb in batches)
+    tokens = sum(mb.tokens for mb in batches)
     ordered = [signals[m.name] for m in modules]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     result = ProbeResult(model="", data="", batches=len(batches), tokens=tokens, seconds=round(time.time() - t0, 3),
@@ -307,7 +307,7 @@ def _default_budget(net, modules, batches, pad_id: int, grad_bytes: int) -> int:
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache
     if sum(_layer_bytes([m], grad_bytes) for m in modules) + _whitening_bytes(modules) <= free // 2:
         return free // 2
-    longest = max(batches, key=lambda mb: mb.tensors("cpu", pad_id)[0].numel())
+    longest = max(batches, key=lambda mb: len(mb.input_ids) * max(map(len, mb.input_ids)))  # padded size
     ids, labels, mask = longest.tensors(device, pad_id)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -322,7 +322,7 @@ def _default_budget(net, modules, batches, pad_id: int, grad_bytes: int) -> int:
     return max(int(0.9 * free) - activations, 0)
 
 
-def _passes(modules, budget: int, grad_bytes: int = 4) -> list[list]:
+def _passes(modules, budget: int, grad_bytes: int) -> list[list]:
     """Whole layers per pass, as many as fit the budget (a layer alone always gets a pass)."""
     layers: dict = {}
     for m in modules:
@@ -347,9 +347,13 @@ class _Moment:
     def __init__(self):
         self.matrix = None
         self.n = 0
-        self.batch = -1  # the last batch added: a checkpointed layer runs its forward twice
+        self.batch = -1  # the last batch added
 
-    def add(self, x):
+    def add(self, x, batch: int):
+        """Adds batch `batch`'s rows, once: a checkpointed layer runs its forward (and hooks) twice."""
+        if batch == self.batch:
+            return
+        self.batch = batch
         x = x.reshape(-1, x.shape[-1]).float()
         if x.shape[1] > DENSE_MAX:
             update = x.pow(2).sum(0)
@@ -361,8 +365,7 @@ class _Moment:
 
 class _SharedInputs:
     """Modules that read the same tensor object (q/k/v, gate/up) share one input factor: the first
-    module to see a tensor adds it to its moment (once per batch: a checkpointed layer runs its
-    forward twice), the others point at that moment. Tensors are told apart by identity, through
+    module to see a tensor adds it to its moment, the others point at that moment. Tensors are told apart by identity, through
     weak references: a freed tensor's id or memory may be reused by the next layer's input."""
 
     def __init__(self):
@@ -374,9 +377,7 @@ class _SharedInputs:
         if entry is not None and entry[0]() is x:
             return entry[1]
         moment = own or _Moment()
-        if moment.batch != self.batch:
-            moment.add(x.detach())
-            moment.batch = self.batch
+        moment.add(x.detach(), self.batch)
         self.seen[id(x)] = (weakref.ref(x), moment)
         return moment
 
@@ -417,9 +418,7 @@ class _Stats:
         output.register_hook(self._backward)
 
     def _backward(self, grad):
-        if self.output.batch != self.inputs.batch:
-            self.output.add(grad.detach())
-            self.output.batch = self.inputs.batch
+        self.output.add(grad.detach(), self.inputs.batch)
 
     def end_fold(self, fold: int):
         """The weight's .grad holds the sum over the fold's batches: keep it, start the next from zero."""
