@@ -35,11 +35,12 @@ import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
+
+from loraplan.ablation.ledger import write_atomic, write_json  # noqa: E402  (after the path)
 
 SEQ = 256  # pretraining window, and the fine-tune max_length
 SEED = 0
@@ -87,17 +88,9 @@ SIZES = {
 # -- files ---------------------------------------------------------------------------------------
 
 
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # a stage's output exists only once it is complete
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)  # a stage's output exists only once it is complete
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -528,16 +521,6 @@ def stage(path: Path, name: str, settings: dict, build, after: tuple[dict, ...] 
     return record
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "tokenizers", "loraplan"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="folder for the corpora, the base model and the sweep (resumable)")
@@ -578,11 +561,13 @@ def main() -> None:
                       lambda: run_sweep(work, sweep_steps, size.sweep_lr, probe_run["result"]["plan"]),
                       after=(pretraining, probe_run))
 
+    from loraplan.ablation.runner import package_versions
+
     report = {
         "task": "pretrain a small Llama on the stdlib's .py sources; LoRA-fine-tune it on the reference manual's prose",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "versions": versions(), "size": args.size,
+        "versions": package_versions(("torch", "transformers", "peft", "tokenizers", "loraplan")), "size": args.size,
         "corpora": corpora, "tokenizer": tokenizer,
         "model": {"params": pretraining["params"], "embedding_params": pretraining["embedding_params"],
                   **pretraining["config"]},

@@ -41,9 +41,10 @@ class SweepResult:
                 "preview": self.preview}
 
 
-def _versions() -> dict:
+def package_versions(packages: tuple[str, ...] = ("loraplan", "torch", "transformers", "peft", "accelerate")) -> dict:
+    """Python's and these packages' versions (None for one not installed): what a result was made with."""
     out = {"python": platform.python_version()}
-    for pkg in ("loraplan", "torch", "transformers", "peft", "accelerate"):
+    for pkg in packages:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -143,14 +144,15 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     canonical = spec.model_dump(mode="json")
     canonical["data"]["train_fingerprint"] = _fingerprint(d.train)
     canonical["data"]["eval_fingerprint"] = _fingerprint(d.eval)
+    environment = package_versions()
     header = {
         "format": LEDGER_FORMAT,
-        "loraplan": _versions().get("loraplan"),
+        "loraplan": environment["loraplan"],
         "created": now(),
         "model": spec.model,
         "spec": canonical,
         "spec_hash": spec_hash(canonical),
-        "environment": _versions(),
+        "environment": environment,
         "data": {"train": d.train, "eval": d.eval or splits.eval_source, "format": splits.train_summary.format,
                  "train_examples": len(splits.train), "eval_examples": len(splits.eval),
                  "train_tokens": splits.train_summary.tokens, "truncated": splits.train_summary.truncated,
