@@ -13,7 +13,7 @@ examples:
 from __future__ import annotations
 
 from ..counting import human_count
-from .render import emit_json, table
+from .render import add_trust_and_json_arguments, emit_json, table
 
 
 def register(parser):
@@ -24,9 +24,7 @@ def register(parser):
     parser.add_argument("--compare", default=None, metavar="OTHER_ADAPTER",
                         help="a second adapter of the same base: subspace similarity per weight")
     parser.add_argument("--all", action="store_true", help="also list every adapted weight")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow the base model's own code (off by default: read the code first)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_trust_and_json_arguments(parser, "the base model's")
 
 
 def run(args) -> int:

@@ -11,7 +11,7 @@ examples:
 
 from __future__ import annotations
 
-from .render import emit_json
+from .render import add_trust_and_json_arguments, emit_json
 
 
 def register(parser):
@@ -23,9 +23,7 @@ def register(parser):
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype of the merged model (default: the base checkpoint's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow the model's own code (off by default: read the code first)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_trust_and_json_arguments(parser, "the model's")
 
 
 def run(args) -> int:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 
 from .count import positive_int
-from .render import emit_json, table
+from .render import add_model_arguments, emit_json, table
 
 
 def register(parser):
-    parser.add_argument("model", metavar="MODEL", help="a model folder or Hub id (weights are needed)")
+    add_model_arguments(parser, "a model folder or Hub id (weights are needed)")
     parser.add_argument("--data", required=True, help="training data (as for sweep)")
     parser.add_argument("--format", choices=["auto", "text", "prompt_completion", "alpaca", "chat"], default="auto")
     parser.add_argument("--targets", default="all-linear", help="modules to probe (default: %(default)s)")
@@ -30,8 +30,6 @@ def register(parser):
     parser.add_argument("--max-length", type=positive_int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the result as JSON (a sweep folder reads it as probe.json)")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--json", action="store_true")
 
 
 def run(args) -> int:

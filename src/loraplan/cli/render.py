@@ -33,6 +33,10 @@ def emit_json(data) -> None:
 
 def add_model_arguments(parser, model_help: str = "a model folder, config.json, Hub id or builtin:NAME"):
     parser.add_argument("model", metavar="MODEL", help=model_help)
+    add_trust_and_json_arguments(parser)
+
+
+def add_trust_and_json_arguments(parser, whose: str = "a model's"):
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a model's own code (off by default: read the code first)")
+                        help=f"allow {whose} own code (off by default: read the code first)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
