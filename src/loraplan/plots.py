@@ -127,12 +127,8 @@ def eval_loss_vs_rank_figure(results: list[dict]) -> Figure:
                                   markerfacecolor="0.3" if rs else "white",
                                   label="filled: rsLoRA, scale α/√r" if rs else "hollow: scale α/r"))
         ax.legend(handles=handles, fontsize=8.5, loc="best", framealpha=0.9)
-    else:
-        _empty(ax, "no completed trial with an eval loss", frame=True)
-    ax.set_xlabel("LoRA rank r (log₂ scale)")
-    ax.set_ylabel(LOSS_LABEL)
-    ax.set_title("Eval loss vs rank (error bars: ±1 standard error)")
-    _caption(fig, failed_caption(not_plotted(results)))
+    _finish_loss_axes(fig, ax, results, done, "LoRA rank r (log₂ scale)",
+                      "Eval loss vs rank (error bars: ±1 standard error)")
     return fig
 
 
@@ -176,12 +172,8 @@ def eval_loss_vs_params_figure(results: list[dict], recommended: str | None = No
         # room on both sides for the names written next to the end points
         ax.set_xlim(min(xs) / 1.6, max(xs) * 1.9)
         ax.legend(fontsize=8.5, loc="best", framealpha=0.9)
-    else:
-        _empty(ax, "no completed trial with an eval loss", frame=True)
-    ax.set_xlabel("trainable parameters (count, log scale)")
-    ax.set_ylabel(LOSS_LABEL)
-    ax.set_title("Eval loss vs trainable parameters")
-    _caption(fig, failed_caption(not_plotted(results)))
+    _finish_loss_axes(fig, ax, results, done, "trainable parameters (count, log scale)",
+                      "Eval loss vs trainable parameters")
     return fig
 
 
@@ -366,7 +358,7 @@ def adapter_spectra_figure(spectra: Mapping[str, list[dict]]) -> Figure:
         # plain numbers (0.5, not 5×10⁻¹); minor ticks labelled too when the spectra span under a decade
         short = min(min(c) for c in curves.values()) > 0.1
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if short else ""))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _, short=short: f"{y:g}" if short else ""))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=9.5)
         ax.tick_params(labelsize=8)
@@ -439,6 +431,17 @@ def _figure(height: float):
     ax = fig.subplots()
     ax.grid(alpha=0.3, which="both")
     return fig, ax
+
+
+def _finish_loss_axes(fig: Figure, ax, results: list[dict], done: list[dict], xlabel: str, title: str) -> None:
+    """Labels, title and the caption naming the trials left out, for a plot of eval loss (or a note
+    when no trial has one)."""
+    if not done:
+        _empty(ax, "no completed trial with an eval loss", frame=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title(title)
+    _caption(fig, failed_caption(not_plotted(results)))
 
 
 def _empty(ax, text: str, frame: bool = False) -> None:
