@@ -97,10 +97,11 @@ def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys):
 
 def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_unchanged(mlp_task):
     """One pass for all layers, one pass per layer (what a small memory budget forces), or layers
-    recomputed in the backward pass: the same per-module signal; q/k/v (and gate/up) share one input factor, counted once per token."""
+    recomputed in the backward pass (all or some): the same per-module signal; q/k/v (and gate/up) share
+    one input factor, counted once per token."""
     from loraplan.ablation.batches import training_steps
     from loraplan.data import load_data
-    from loraplan.probing import _candidates, _SharedInputs, _Stats, probe_batches
+    from loraplan.probing import _candidates, _checkpointed, _SharedInputs, _Stats, probe_batches
     from loraplan.sources import load_model, load_structure, load_tokenizer
 
     model = load_model(str(mlp_task.base), dtype="fp32", device="cpu")
@@ -113,11 +114,15 @@ def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_un
     apart = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1)
     # checkpointed layers run their forward (and the hooks) twice: each statistic still counts once
     recomputed = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, checkpointing=True)
+    with _checkpointed(model, 1):  # only the first layer recomputed (what a GPU short of memory gets)
+        partly = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, checkpointing=False)
     assert any("4 passes" in n for n in apart.notes) and not any("passes" in n for n in together.notes)
-    for a, b, c in zip(together.modules, apart.modules, recomputed.modules, strict=True):
-        assert a.name == b.name == c.name and a.naive > 0
+    assert any("4 of 4 layers recompute" in n for n in recomputed.notes)
+    for a, b, c, d in zip(together.modules, apart.modules, recomputed.modules, partly.modules, strict=True):
+        assert a.name == b.name == c.name == d.name and a.naive > 0
         assert a.signal == pytest.approx(b.signal, rel=1e-4) == pytest.approx(c.signal, rel=1e-4)
-        assert a.rank == c.rank
+        assert d.signal == pytest.approx(a.signal, rel=1e-4)
+        assert a.rank == c.rank == d.rank
     assert not model.model.layers[0].training and not model.is_gradient_checkpointing
 
     attention = model.model.layers[0].self_attn
@@ -133,3 +138,92 @@ def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_un
         st.detach()
     assert stats[0].input is stats[1].input is stats[2].input and stats[0].input.n == 2 * 10
     assert torch.allclose(stats[0].input.matrix, 2 * x.reshape(10, -1).T @ x.reshape(10, -1), atol=1e-4)
+
+
+def test_padding_is_left_out_of_the_factors():
+    """A right-padded batch adds only its real tokens' rows to the input and output factors."""
+    from loraplan.ablation.batches import MicroBatch
+    from loraplan.probing import _SharedInputs, _Stats
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    inputs = _SharedInputs()
+    st = _Stats(layer, False, inputs)
+    st.attach()
+    mb = MicroBatch([[1, 2, 3, 4, 5], [1, 2]], [[1, 2, 3, 4, 5], [1, 2]])
+    x = torch.randn(2, 5, 6)
+    inputs.start_batch(mb, 5, "cpu")
+    layer(x).pow(2).sum().backward()
+    inputs.end_batch()
+    st.detach()
+    real = torch.cat([x[0], x[1, :2]])
+    assert st.input.n == st.output.n == 7
+    assert torch.allclose(st.input.matrix, real.T @ real, atol=1e-5)
+
+
+def test_triangular_inverse_by_halves():
+    from loraplan.probing import _lower_inverse
+
+    torch.manual_seed(0)
+    lower = torch.randn(13, 13, dtype=torch.float64).tril() + 4 * torch.eye(13, dtype=torch.float64)
+    for block in (2, 5, 13):
+        assert torch.allclose(_lower_inverse(lower, block) @ lower, torch.eye(13, dtype=torch.float64), atol=1e-12)
+
+
+def test_memory_plan_checkpoints_as_few_layers_as_fit():
+    from loraplan.probing import _choose
+
+    gib = 1 << 30
+    # 60 GiB usable, 40 GiB of statistics; activations 28 GiB with no layer checkpointed, 4 with all 32
+    assert _choose(60 * gib, 40 * gib, 28 * gib, 4 * gib, 32, None) == (60 * gib - int(28 * gib - 11 * 0.75 * gib), 11)
+    assert _choose(60 * gib, 20 * gib, 28 * gib, 4 * gib, 32, None) == (32 * gib, 0)  # everything fits: none
+    assert _choose(60 * gib, 58 * gib, 28 * gib, 4 * gib, 32, None) == (56 * gib, 32)  # layer groups: all
+    assert _choose(60 * gib, 40 * gib, 28 * gib, 4 * gib, 32, True) == (56 * gib, 32)
+    assert _choose(60 * gib, 40 * gib, 28 * gib, 4 * gib, 32, False) == (32 * gib, 0)
+    assert _choose(60 * gib, 40 * gib, 28 * gib, 0, 0, None) == (32 * gib, 0)  # no checkpointable layers
+
+
+def test_wide_factors_keep_their_diagonal(monkeypatch):
+    """Wider than DENSE_MAX: the factor is Σ x² per channel, summed in fp32 (also from bf16 inputs)."""
+    import loraplan.probing as probing
+
+    monkeypatch.setattr(probing, "DENSE_MAX", 8)
+    x = torch.randn(3, 5, 12)
+    moment = probing._Moment()
+    moment.add(x.bfloat16(), 0)
+    moment.add(x, 0)  # the same batch again (a recomputed forward): not counted twice
+    moment.add(x, 1)
+    expected = x.bfloat16().float().pow(2).sum((0, 1)) + x.pow(2).sum((0, 1))
+    assert moment.n == 30 and moment.matrix.dtype == torch.float32
+    assert torch.allclose(moment.matrix, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("planted, noise", [(40, 0.005), (40, 0.01), (40, 0.03), (3, 0.005)])
+def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
+    """600 columns (> EXACT_MAX): the Ritz values of the 256-column subspace give the exact 90% rank within
+    one and the noise floor (the most negative eigenvalue) within 5%, also when C has far fewer
+    directions than the space has columns. A plain Gaussian compression ΩᵀCΩ (64 columns) reads the
+    40-direction case as about 60% of its rank."""
+    from loraplan.probing import EXACT_MAX, _cross_gram, _rank
+
+    torch.manual_seed(0)
+    rows, cols = 900, 600
+    assert cols > EXACT_MAX
+    u, v = torch.linalg.qr(torch.randn(rows, planted)).Q, torch.linalg.qr(torch.randn(cols, planted)).Q
+    signal = u @ torch.diag(1 / (1 + torch.arange(planted) / 20)) @ v.T
+    m1, m2 = signal + noise * torch.randn(rows, cols), signal + noise * torch.randn(rows, cols)
+
+    def rank(cross):
+        return _rank(torch.linalg.eigvalsh(cross).flip(0))[0]
+
+    def floor(cross):
+        return -float(torch.linalg.eigvalsh(cross)[0])
+
+    full, ritz = ((m1.T @ m2 + m2.T @ m1) / 2).double(), _cross_gram(m1, m2, {})
+    assert ritz.shape == (256, 256)
+    exact = rank(full)
+    assert abs(rank(ritz) - exact) <= 1
+    assert floor(ritz) == pytest.approx(floor(full), rel=0.05)
+    if planted == 40:
+        omega = torch.randn(cols, 64) / 8
+        assert rank(((omega.T @ m1.T @ m2 @ omega + omega.T @ m2.T @ m1 @ omega) / 2).double()) < 0.7 * exact

@@ -1,9 +1,13 @@
 """The probe's cost on a big model (random init is fine for cost): time and peak GPU memory.
 
     python benchmarks/probe/cost.py --shape llama-8b --batches 8 --out $OUT
+    python benchmarks/probe/cost.py --shape llama-8b --within $OUT/loraplan_sweep_llama-8b.json --out $OUT
 
 Batches are the sweep benchmark's synthetic sequences (8 per batch, 64-512 random tokens), so the
-figures sit next to one trial of benchmarks/sweep/RESULTS.md on the same shape.
+figures sit next to one trial of benchmarks/sweep/RESULTS.md on the same shape. The probe runs
+twice in one process: the first call pays CUDA's start-up (cuSOLVER, kernels loaded on first use),
+as a CLI call would. `--within TRIAL.json` (bench_sweep.py's output) adds a third call capped at
+that trial's peak memory (`max_memory`): what the probe costs on a GPU that just holds one trial.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def main() -> None:
     import torch
 
     from loraplan.ablation.batches import training_steps
+    from loraplan.ablation.runner import package_versions
     from loraplan.data import TokenizedExample
     from loraplan.probing import _candidates, probe_batches
     from loraplan.sources import load_model, load_structure
@@ -32,6 +37,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-8b", choices=list(SHAPES))
     p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--within", help="bench_sweep.py's JSON: also probe capped at its trial's peak memory")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = p.parse_args()
     model = SHAPES[args.shape]
@@ -49,11 +55,19 @@ def main() -> None:
     result = probe_batches(net, structure, modules, batches, pad_id=0, progress=True)
     # again in the same process: the first call pays CUDA/cuBLAS/cuSOLVER start-up, as a CLI call would
     warm = probe_batches(net, structure, modules, batches, pad_id=0)
+    capped = None
+    if args.within:
+        trial = json.loads(Path(args.within).read_text())["rows"][0]
+        cap = int(trial["peak_gib"] * 2**30)
+        capped = probe_batches(net, structure, modules, batches, pad_id=0, max_memory=cap)
+        capped = {"max_memory_gib": trial["peak_gib"], "trial_train_s": trial["train_s"], "probe_s": capped.seconds,
+                  "peak_gib": round((capped.peak_memory_bytes or 0) / 2**30, 2), "notes": capped.notes}
     row = {"shape": args.shape, "batches": args.batches, "tokens": result.tokens, "probe_s": result.seconds,
-           "probe_warm_s": warm.seconds,
+           "probe_warm_s": warm.seconds, "warm_peak_gib": round((warm.peak_memory_bytes or 0) / 2**30, 2),
+           "within_trial_memory": capped,
            "load_s": round(load_s, 1), "peak_gib": round((result.peak_memory_bytes or 0) / 2**30, 2),
            "notes": result.notes, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "versions": package_versions(), "date": time.strftime("%Y-%m-%d"),
            "roles": [(r.role, round(r.share, 3), r.rank) for r in result.roles]}
     print(json.dumps(row), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

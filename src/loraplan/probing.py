@@ -12,14 +12,25 @@ hold that decrease (the rank a LoRA adapter needs for it).
 
 Noise: the batches are split into two halves with independent gradients M₁, M₂. ⟨M₁, M₂⟩ estimates
 ‖E[M]‖² without the noise energy that inflates ‖M‖² (more for bigger matrices); the cross-Gram of
-M₁ and M₂ (exact up to EXACT_MAX columns, in a random sketch beyond) estimates the spectrum the same
-way, and its most negative eigenvalue gives the noise floor below which directions are not counted.
+M₁ and M₂ estimates the spectrum the same way, and its most negative eigenvalue gives the noise floor
+below which directions are not counted. Up to EXACT_MAX columns the cross-Gram is decomposed exactly;
+beyond, from the Ritz values of a 256-column subspace: 128 columns of subspace iteration (Halko,
+Martinsson & Tropp 2011), which resolve the top of the spectrum, extended by a 128-column block Krylov
+space (Musco & Musco 2015), which reaches the floor at the edge of the dense noise bulk where
+subspace iteration does not. On the real-data task's 384-column modules this reads the exact 90%
+ranks (10-52) within +1 and the floor within 4%; subspace iteration alone put the floor up to 18%
+low and read the ranks up to +4, the Krylov space alone cut the tail and read them up to 14 low, and
+a plain Gaussian compression ΩᵀCΩ spreads the eigenvalues (Marchenko-Pastur) and read them 0.54-0.8×
+(benchmarks/probe/RESULTS.md).
 
-Cost: one forward/backward per batch (per layer group when the statistics do not fit in memory).
+Cost: one forward/backward per batch (per layer group when the statistics do not fit in memory;
+on a GPU, as few layers recomputed in the backward pass as the memory left requires). Factors are
+sums over the real tokens (padding excluded), from half-precision products with fp32 sums on a GPU.
 Modules reading the same input (q/k/v, gate/up) share one input factor; whitening uses the inverse
 Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩); factors wider than DENSE_MAX keep only
 their diagonal — a per-channel whitening, which is not equivalent and is not what the planted tasks
-validate; each fold's gradient is summed by autograd in the weights' dtype.
+validate; each fold's gradient is summed by autograd in the weights' dtype. Nothing waits on the GPU
+inside a layer: results come back once per pass.
 
 Validated on planted tasks and one real-data task (benchmarks/probe/RESULTS.md), including where it
 fails: the gradient at the base measures the first steps, not what an adapter can finally reach, and
@@ -40,12 +51,16 @@ from .errors import UsageError
 from .plan import LoraPlan, Reason
 
 FOLDS = 2
-SKETCH = 64  # columns of the random sketch for the spectrum of wide modules
+SKETCH = 128  # columns resolving the top of a wide module's spectrum (subspace iteration)
+POWER = 1  # its power steps
+KRYLOV_BLOCK = 16  # columns of each block of the Krylov space that extends it to the spectrum's ends
+KRYLOV_STEPS = 8  # its blocks: SKETCH + 128 Ritz values in all
 EXACT_MAX = 256  # up to this many columns the cross-Gram is exact (its eigendecomposition is cheap)
 ENERGY = 0.9  # rank = directions holding this share of a module's signal
 COVER = 0.8  # the plan's targets hold this share of the total signal
 DAMPING = 1e-2  # Tikhonov damping of each Kronecker factor, relative to its mean eigenvalue
 DENSE_MAX = 8192  # wider factors are kept as their diagonal
+INVERSE_BLOCK = 1024  # triangular inverses split recursively down to this size (float64 products)
 
 
 @dataclass(frozen=True)
@@ -120,7 +135,7 @@ class ProbeResult:
 
 def probe(model: str, data: str, *, targets: str = "all-linear", batches: int = 8, batch_size: int = 8,
           max_length: int = 512, fmt: str = "auto", seed: int = 0, dtype: str = "auto",
-          trust_remote_code: bool = False, progress: bool = False) -> ProbeResult:
+          trust_remote_code: bool = False, progress: bool = False, max_memory: int | None = None) -> ProbeResult:
     """Probe MODEL on DATA: `loraplan probe` as a function."""
     from .ablation.batches import training_steps
     from .data import load_data
@@ -135,7 +150,7 @@ def probe(model: str, data: str, *, targets: str = "all-linear", batches: int = 
     steps = training_steps(splits.train, batches, batch_size, None, seed)
     net = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     result = probe_batches(net, structure, modules, [s[0] for s in steps], tokenizer.pad_token_id,
-                           progress=progress)
+                           progress=progress, max_memory=max_memory)
     result.model, result.data = model, data
     result.plan = plan_from_signals(result, structure, examples=len(splits.train))
     return result
@@ -153,14 +168,18 @@ def _candidates(structure, targets: str):
 
 
 def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool = False,
-                  memory_budget: int | None = None, checkpointing: bool | None = None) -> ProbeResult:
+                  memory_budget: int | None = None, checkpointing: bool | None = None,
+                  max_memory: int | None = None) -> ProbeResult:
     """The probe proper, on a loaded model and a list of micro-batches. When the statistics of all
     layers do not fit in `memory_budget` bytes (default: on a GPU, what the activations of the longest
     batch leave free; 8 GiB on a CPU), layers are probed in groups, one pass over the batches per group.
     The batches split into FOLDS contiguous folds; each fold's gradient is summed where autograd puts
-    it (in the weights' dtype). `checkpointing` (default: on a GPU, when the model supports it)
-    recomputes each layer's activations in the backward pass, so the statistics get the memory the
-    activations would have taken: one more forward per batch, fewer passes, a lower peak."""
+    it (in the weights' dtype). Checkpointed layers recompute their activations in the backward pass,
+    so the statistics get the memory the activations would have taken (one more forward of those
+    layers per batch). `checkpointing`: True, every layer; False, none; None (default), on a GPU as
+    many as the memory left requires (none when everything fits, all when layer groups are needed
+    anyway; all when `memory_budget` is given), none on a CPU. `max_memory` caps the GPU memory the
+    probe plans for (bytes allocated at the peak, weights included; default 90% of what is free)."""
     import torch
 
     device = next(net.parameters()).device
@@ -176,16 +195,19 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     # the factors' products in TF32 (fp32 sums): in full fp32 they cost as much as the passes themselves
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
-    if checkpointing is None:
-        checkpointing = device.type == "cuda"
+    layers = _checkpointable(net)
     try:
-        with _attention_kernels(device), _checkpointed(net, checkpointing):
+        with _attention_kernels(device):
             if memory_budget is None:
-                memory_budget = _default_budget(net, modules, batches, pad_id, grad_bytes)
+                memory_budget, recomputed = _memory_plan(net, modules, batches, pad_id, grad_bytes, layers,
+                                                         checkpointing, max_memory)
+            else:
+                recomputed = layers if checkpointing or (checkpointing is None and device.type == "cuda") else 0
             passes = _passes(modules, memory_budget, grad_bytes)
-            for k, group in enumerate(passes):
-                signals.update(_probe_layers(net, by_name, group, batches, pad_id, device, fold_of,
-                                             f"{k + 1}/{len(passes)}" if progress else None))
+            with _checkpointed(net, recomputed):
+                for k, group in enumerate(passes):
+                    signals.update(_probe_layers(net, by_name, group, batches, pad_id, device, fold_of,
+                                                 f"{k + 1}/{len(passes)}" if progress else None))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     tokens = sum(mb.tokens for mb in batches)
@@ -195,6 +217,9 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
                          peak_memory_bytes=peak, modules=ordered, roles=_roles(ordered), plan=None)
     if len(passes) > 1:
         result.notes.append(f"{len(passes)} passes over the batches (layer groups) to fit the statistics in memory")
+    if recomputed and layers:
+        result.notes.append(f"{min(recomputed, layers)} of {layers} layers recompute their activations in the "
+                            "backward pass (gradient checkpointing) to fit the statistics in memory")
     wide = sorted({d for m in modules for d in (m.in_features, m.out_features) if d > DENSE_MAX})
     if wide:
         result.notes.append(f"factors wider than {DENSE_MAX} ({', '.join(map(str, wide))}) are whitened by their "
@@ -206,15 +231,18 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
 
 
 def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) -> dict[str, ModuleSignal]:
-    """One pass over the batches with the statistics of `group`'s modules attached; their signals."""
+    """One pass over the batches with the statistics of `group`'s modules attached; their signals.
+    Whitening goes a layer at a time: its factors, then its modules' products; on a GPU the next
+    layer's factorizations run on a side stream meanwhile. The host waits for the side stream once
+    per layer (were the factors positive definite?) and for the results once per pass."""
     inputs = _SharedInputs()
-    signals = {}
     stats = {m.name: _Stats(by_name[m.name], m.kind == "conv1d", inputs) for m in group}
     for st in stats.values():
         st.attach()
     try:
         for i, mb in enumerate(batches):
             ids, labels, mask = mb.tensors(device, pad_id)
+            inputs.start_batch(mb, ids.shape[1], device)
             loss = net(input_ids=ids, attention_mask=mask, labels=labels, **_no_cache(net),
                        num_items_in_batch=max(mb.supervised, 1)).loss
             loss.backward()
@@ -228,38 +256,74 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
     finally:
         for st in stats.values():
             st.detach()
-    whiteners: dict[int, _Whitener] = {}  # one per shared input factor
     columns = Counter()  # how many vectors each input factor will whiten: FOLDS × out per reader
     for m in group:
         columns[id(stats[m.name].input)] += FOLDS * m.out_features
-    for m in group:
-        st = stats[m.name]
-        if st.input is not None and id(st.input) not in whiteners:
-            whiteners[id(st.input)] = _Whitener(st.input.matrix, st.input.n, columns[id(st.input)])
-        signals[m.name] = _signal(m, st, whiteners.get(id(st.input)))
-        st.folds = [None] * FOLDS  # free as we go
-    return signals
+    def factors(members) -> list:  # (moment, columns) per factor of a layer, shared input factors once
+        wanted = {}
+        for m in members:
+            st = stats[m.name]
+            for moment, width in ((st.input, columns[id(st.input)]), (st.output, FOLDS * m.in_features)):
+                if moment is not None and moment.matrix is not None:
+                    wanted.setdefault(id(moment), (moment, width))
+        return list(wanted.values())
+
+    layers = [[m for m in group if m.layer == layer] for layer in dict.fromkeys(m.layer for m in group)]
+    factorizer = _Factorizer(device)
+    pending, sketches = [], {}
+    ticket = factorizer.start(factors(layers[0]))
+    for k, members in enumerate(layers):
+        current = ticket
+        if k + 1 < len(layers):
+            ticket = factorizer.start(factors(layers[k + 1]))
+        whiteners = factorizer.finish(current)
+        for m in members:
+            st = stats[m.name]
+            pending.append(_signal(m, st, whiteners.get(id(st.input)), whiteners.get(id(st.output)), sketches))
+            st.folds, st.input, st.output = [None] * FOLDS, None, None  # free as we go
+    return _finish(pending)
 
 
 def _no_cache(net) -> dict:
     return {"use_cache": False} if hasattr(net.config, "use_cache") else {}
 
 
+def _checkpointable(net) -> int:
+    """How many modules transformers' gradient checkpointing would recompute (its decoder layers)."""
+    if not getattr(net, "supports_gradient_checkpointing", False):
+        return 0
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    count = len(_recomputable(net))
+    net.gradient_checkpointing_disable()
+    return count
+
+
+def _recomputable(net) -> list:
+    """The modules gradient checkpointing recomputes once enabled: transformers' decoder layers (the
+    model above them carries the same flag, for older code paths)."""
+    flagged = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return flagged
+    return [m for m in flagged if isinstance(m, GradientCheckpointingLayer)] or flagged
+
+
 @contextlib.contextmanager
-def _checkpointed(net, enabled: bool):
-    """transformers' gradient checkpointing without training mode: only the checkpointed layers say
-    `training` (what makes them checkpoint); their submodules stay in eval (no dropout)."""
-    if not enabled or not getattr(net, "supports_gradient_checkpointing", False):
+def _checkpointed(net, layers: int):
+    """transformers' gradient checkpointing for the first `layers` layers, without training mode: only
+    those layers say `training` (what makes them checkpoint); their submodules stay in eval (no dropout)."""
+    if layers <= 0 or not getattr(net, "supports_gradient_checkpointing", False):
         yield
         return
     net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in layers:
+    chosen = _recomputable(net)[:layers]
+    for m in chosen:
         m.training = True
     try:
         yield
     finally:
-        for m in layers:
+        for m in chosen:
             m.training = False
         net.gradient_checkpointing_disable()
 
@@ -288,38 +352,95 @@ def _layer_bytes(group, grad_bytes: int) -> int:
 
 
 def _whitening_bytes(group) -> int:
-    """Temporaries of the whitening, one module at a time: the folds in fp32, their whitened copies,
-    and a float64 factor with its Cholesky factor and inverse."""
-    return max(4 * 3 * FOLDS * m.in_features * m.out_features
-               + 24 * max(min(m.in_features, DENSE_MAX), min(m.out_features, DENSE_MAX)) ** 2 for m in group)
+    """Temporaries of the whitening, a layer at a time: two layers' whitening matrices (fp32; the next
+    layer's are built meanwhile) with one factor's float64 work (the factor, its Cholesky factor, the
+    inverse and its halves), then one module's folds in fp32 and their whitened copies."""
+    layers: dict = {}
+    for m in group:
+        layers.setdefault(m.layer, []).append(m)
+    widest = max((d for m in group for d in (m.in_features, m.out_features) if d <= DENSE_MAX), default=0)
+    return (2 * max(_layer_bytes(members, 0) for members in layers.values()) + 40 * widest ** 2
+            + max(4 * 3 * FOLDS * m.in_features * m.out_features for m in group))
 
 
-def _default_budget(net, modules, batches, pad_id: int, grad_bytes: int) -> int:
-    """On a GPU: everything the probe's statistics may take. If all layers fit in half the free memory,
-    that is it; otherwise the activations of the longest batch are measured (a forward and backward
-    without statistics) and the statistics get what they leave, less a 10% margin."""
+def _stats_bytes(modules, grad_bytes: int) -> int:
+    layers: dict = {}
+    for m in modules:
+        layers.setdefault(m.layer, []).append(m)
+    return sum(_layer_bytes(group, grad_bytes) for group in layers.values()) + _whitening_bytes(modules)
+
+
+def _memory_plan(net, modules, batches, pad_id: int, grad_bytes: int, layers: int,
+                 checkpointing: bool | None, max_memory: int | None = None) -> tuple[int, int]:
+    """(bytes the statistics may take, how many layers to checkpoint). On a CPU: 8 GiB, and
+    checkpointing only when asked. On a GPU the activations of the longest batch are measured on one
+    of its rows (they grow with the tokens), with every layer checkpointed and with none: all the
+    statistics in one pass with as few layers recomputed as fit 90% of the free memory; if even a
+    fully checkpointed pass cannot hold them, every layer is checkpointed and layers go in groups."""
     import torch
 
     device = next(net.parameters()).device
     if device.type != "cuda":
-        return 8 << 30
+        return 8 << 30, layers if checkpointing else 0
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache
-    if sum(_layer_bytes([m], grad_bytes) for m in modules) + _whitening_bytes(modules) <= free // 2:
-        return free // 2
+    usable = int(0.9 * free)
+    if max_memory is not None:
+        from .counting import human_bytes
+
+        taken = torch.cuda.memory_allocated(device)
+        if max_memory <= taken:
+            raise UsageError(f"--max-memory {human_bytes(max_memory)} is less than the model already takes on the GPU "
+                             f"({human_bytes(taken)})", "raise it, or probe on a GPU with more memory")
+        usable = min(usable, max_memory - taken)
     longest = max(batches, key=lambda mb: len(mb.input_ids) * max(map(len, mb.input_ids)))  # padded size
-    ids, labels, mask = longest.tensors(device, pad_id)
+    if not layers:
+        checkpointing = False
+    full = _activations(net, longest, pad_id, 0) if checkpointing is not True else 0
+    lean = _activations(net, longest, pad_id, layers) if checkpointing is not False else 0
+    return _choose(usable, _stats_bytes(modules, grad_bytes), full, lean, layers, checkpointing)
+
+
+def _choose(usable: int, stats: int, full: int, lean: int, layers: int, checkpointing: bool | None) -> tuple[int, int]:
+    """(budget for the statistics, layers to checkpoint) from the usable memory, the statistics of one
+    pass, and the activations with no layer (`full`) and every layer (`lean`) checkpointed."""
+    if checkpointing is False or not layers:
+        return max(usable - full, 0), 0
+    if checkpointing is True:
+        return max(usable - lean, 0), layers
+    room = usable - stats
+    if room >= full:
+        return usable - full, 0
+    per_layer = (full - lean) / layers
+    if room >= lean and per_layer > 0:
+        recomputed = min(layers, math.ceil((full - room) / per_layer))
+        return max(usable - int(full - recomputed * per_layer), 0), recomputed
+    return max(usable - lean, 0), layers
+
+
+def _activations(net, batch, pad_id: int, checkpointed: int) -> int:
+    """Peak bytes a forward and backward of `batch` adds to the weights (no weight gradients), with
+    the first `checkpointed` layers recomputed: measured on its longest row, times its rows."""
+    import torch
+
+    from .ablation.batches import MicroBatch
+
+    device = next(net.parameters()).device
+    row = max(range(len(batch.input_ids)), key=lambda i: len(batch.input_ids[i]))
+    ids, labels, mask = MicroBatch([batch.input_ids[row]], [batch.labels[row]]).tensors(device, pad_id)
+    torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     embeddings = net.get_input_embeddings()
     hook = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_())
     try:
-        net(input_ids=ids, attention_mask=mask, labels=labels, **_no_cache(net)).loss.backward()
+        with _checkpointed(net, checkpointed):
+            net(input_ids=ids, attention_mask=mask, labels=labels, **_no_cache(net)).loss.backward()
     finally:
         hook.remove()
-    activations = torch.cuda.max_memory_allocated(device) - base
+    peak = torch.cuda.max_memory_allocated(device) - base
     torch.cuda.reset_peak_memory_stats(device)
-    return max(int(0.9 * free) - activations, 0)
+    return peak * len(batch.input_ids)
 
 
 def _passes(modules, budget: int, grad_bytes: int) -> list[list]:
@@ -349,35 +470,68 @@ class _Moment:
         self.n = 0
         self.batch = -1  # the last batch added
 
-    def add(self, x, batch: int):
-        """Adds batch `batch`'s rows, once: a checkpointed layer runs its forward (and hooks) twice."""
+    def add(self, x, batch: int, real=None):
+        """Adds batch `batch`'s rows, once: a checkpointed layer runs its forward (and hooks) twice.
+        `real` = (positions, index): when x has a row per position of the padded batch, only the rows
+        of real tokens count."""
+        import torch
+
         if batch == self.batch:
             return
         self.batch = batch
-        x = x.reshape(-1, x.shape[-1]).float()
-        if x.shape[1] > DENSE_MAX:
-            update = x.pow(2).sum(0)
-            self.matrix = update if self.matrix is None else self.matrix.add_(update)
+        x = x.reshape(-1, x.shape[-1])
+        if real is not None and x.shape[0] == real[0]:
+            x = x.index_select(0, real[1])
+        if x.shape[1] > DENSE_MAX:  # Σ x², summed in fp32 without an fp32 copy of x
+            update = torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
         else:
-            self.matrix = x.T @ x if self.matrix is None else self.matrix.addmm_(x.T, x)
+            update = _gram(x)
+        self.matrix = update if self.matrix is None else self.matrix.add_(update)
         self.n += x.shape[0]
+
+
+def _gram(x):
+    """xᵀx with fp32 sums: half-precision inputs multiply on the tensor cores without an fp32 copy
+    (the products of bf16/fp16 numbers are exact in fp32; only the sums round)."""
+    import torch
+
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
+            pass
+    x = x.float()
+    return x.T @ x
 
 
 class _SharedInputs:
     """Modules that read the same tensor object (q/k/v, gate/up) share one input factor: the first
     module to see a tensor adds it to its moment, the others point at that moment. Tensors are told apart by identity, through
-    weak references: a freed tensor's id or memory may be reused by the next layer's input."""
+    weak references: a freed tensor's id or memory may be reused by the next layer's input. Also
+    where the current batch's real tokens are (padding is left out of every factor)."""
 
     def __init__(self):
         self.seen: dict = {}  # id(tensor) -> (weak reference, _Moment), for the current batch
         self.batch = 0
+        self.real = None  # (positions, index of the real ones) for a padded batch
+
+    def start_batch(self, mb, width: int, device):
+        """The flat positions of `mb`'s tokens in its right-padded (rows × width) tensors."""
+        import torch
+
+        lengths = [len(x) for x in mb.input_ids]
+        if all(n == width for n in lengths):
+            self.real = None
+            return
+        index = torch.cat([torch.arange(n) + i * width for i, n in enumerate(lengths)])
+        self.real = (len(lengths) * width, index.to(device, non_blocking=True))
 
     def read(self, x, own: _Moment | None) -> _Moment:
         entry = self.seen.get(id(x))
         if entry is not None and entry[0]() is x:
             return entry[1]
         moment = own or _Moment()
-        moment.add(x.detach(), self.batch)
+        moment.add(x.detach(), self.batch, self.real)
         self.seen[id(x)] = (weakref.ref(x), moment)
         return moment
 
@@ -418,7 +572,7 @@ class _Stats:
         output.register_hook(self._backward)
 
     def _backward(self, grad):
-        self.output.add(grad.detach(), self.inputs.batch)
+        self.output.add(grad.detach(), self.inputs.batch, self.inputs.real)
 
     def end_fold(self, fold: int):
         """The weight's .grad holds the sum over the fold's batches: keep it, start the next from zero."""
@@ -435,70 +589,239 @@ class _Whitener:
     F^-1/2 — they differ by a rotation — and a Cholesky factor is many times cheaper than an
     eigendecomposition. Applied to `columns` vectors in all, it is inverted once and applied as a
     TF32 product when they are at least as many as its width (q/k/v's shared input, a narrow output
-    of a wide module), or else applied by a float64 triangular solve (fewer flops than inverting)."""
+    of a wide module), or else applied by a float64 triangular solve (fewer flops than inverting).
+    The factorization is not waited for: `info` says (later, see _repair) whether F + λI was
+    positive definite in float64 rounding; `boost` multiplies λ for a second try."""
 
-    def __init__(self, matrix, n: int, columns: int = 0):
+    def __init__(self, matrix, n: int, columns: int = 0, boost: float = 1.0):
         import torch
 
+        self.matrix, self.n, self.columns = matrix, n, columns
         f = matrix.double() / max(n, 1)
-        self.diagonal = self.cholesky = self.inverse = None
+        self.diagonal = self.cholesky = self.inverse = self.info = None
         if f.dim() == 1:
-            self.diagonal = (f.clamp_min(0) + DAMPING * f.clamp_min(0).mean()).rsqrt().float()
+            f = f.clamp_min(0)
+            self.diagonal = (f + _damping(f.mean())).rsqrt().float()
             return
-        damping = DAMPING * f.diagonal().clamp_min(0).mean()
-        f.diagonal().add_(damping)
-        cholesky, info = torch.linalg.cholesky_ex(f)
-        if int(info):  # not positive definite in float64 rounding: damp further
-            f.diagonal().add_(damping * 10)
-            cholesky = torch.linalg.cholesky(f)
+        f.diagonal().add_(boost * _damping(f.diagonal().clamp_min(0).mean()))
+        cholesky, self.info = torch.linalg.cholesky_ex(f)
         if columns >= f.shape[0]:
-            identity = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
-            self.inverse = torch.linalg.solve_triangular(cholesky, identity, upper=False).float()
+            self.inverse = _lower_inverse(cholesky).float()
         else:
             self.cholesky = cholesky
 
-    def left(self, g):
-        """W · g (g may carry a leading batch dimension)"""
+    def left(self, g, inplace: bool = False):
+        """W · g (g may carry a leading batch dimension; `inplace`: a diagonal W may overwrite it)"""
         import torch
 
         if self.diagonal is not None:
-            return self.diagonal[:, None] * g
+            return g.mul_(self.diagonal[:, None]) if inplace else self.diagonal[:, None] * g
         if self.inverse is not None:
             return self.inverse @ g
         return torch.linalg.solve_triangular(self.cholesky, g.double(), upper=False).float()
 
-    def right(self, g):
+    def right(self, g, inplace: bool = False):
         """g · Wᵀ"""
         if self.diagonal is not None:
-            return g * self.diagonal
+            return g.mul_(self.diagonal) if inplace else g * self.diagonal
         return self.left(g.transpose(-1, -2)).transpose(-1, -2)
 
+    def record_stream(self, stream):
+        """Built on one CUDA stream, used on `stream`: its memory waits for that stream's use."""
+        for t in (self.diagonal, self.cholesky, self.inverse):
+            if t is not None:
+                t.record_stream(stream)
 
-def _signal(info, stats: _Stats, input_whitener: _Whitener | None) -> ModuleSignal:
+
+class _Factorizer:
+    """Builds a layer's whiteners. On a GPU it does so on a side stream, so that one layer's
+    factorizations (float64, latency-bound) run while the previous layer's products (tensor cores)
+    do; the host then waits for that stream alone, never for the products."""
+
+    def __init__(self, device):
+        import torch
+
+        self.stream = None
+        if device.type == "cuda":
+            self.main = torch.cuda.current_stream(device)
+            self.stream = torch.cuda.Stream(device)
+            self.stream.wait_stream(self.main)  # the factors are complete
+
+    def start(self, factors: list):
+        """Starts the whiteners of `factors` [(moment, columns)]: a ticket for `finish`."""
+        import torch
+
+        if self.stream is None:
+            return {id(moment): _Whitener(moment.matrix, moment.n, columns) for moment, columns in factors}, None, None
+        with torch.cuda.stream(self.stream):
+            whiteners = {id(moment): _Whitener(moment.matrix, moment.n, columns) for moment, columns in factors}
+            dense = [w.info for w in whiteners.values() if w.info is not None]
+            infos = torch.empty(len(dense), dtype=torch.int32, pin_memory=True)
+            if dense:
+                infos.copy_(torch.stack(dense), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return whiteners, infos, done
+
+    def finish(self, ticket) -> dict:
+        """The whiteners, ready for use on the current stream (a failed factorization redone)."""
+        whiteners, infos, done = ticket
+        if done is None:
+            _repair(whiteners)
+            return whiteners
+        done.synchronize()
+        self.main.wait_event(done)
+        for w in whiteners.values():
+            w.record_stream(self.main)
+        _repair(whiteners, infos.tolist())
+        return whiteners
+
+
+def _damping(mean):
+    """λ for a factor of mean eigenvalue `mean`; never 0 (a factor of all zeros: an unused module)."""
+    return DAMPING * mean + 1e-20
+
+
+def _repair(whiteners: dict, infos: list[int] | None = None) -> None:
+    """Redoes any factor that was not positive definite in float64 rounding, with 11× the damping.
+    `infos`: the factorizations' status, in order, if already on the host (else one wait here)."""
     import torch
 
-    if input_whitener is None or stats.output.matrix is None or any(f is None for f in stats.folds):
-        return ModuleSignal(info.name, info.role, info.layer, 0.0, 0.0, 0, [])
-    output_whitener = _Whitener(stats.output.matrix, stats.output.n, FOLDS * info.in_features)
-    m1, m2 = input_whitener.right(output_whitener.left(torch.stack(stats.folds).float()))
-    signal = float((m1 * m2).sum())
-    naive = float(((m1 + m2) / 2).pow(2).sum())
+    dense = [(k, w) for k, w in whiteners.items() if w.info is not None]
+    if not dense:
+        return
+    if infos is None:
+        infos = torch.stack([w.info for _, w in dense]).tolist()
+    for (key, w), failed in zip(dense, infos, strict=True):
+        if failed:
+            again = _Whitener(w.matrix, w.n, w.columns, boost=11.0)
+            if int(again.info):
+                raise RuntimeError(f"a probe factor is not positive definite even damped (width {w.matrix.shape[0]})")
+            whiteners[key] = again
+
+
+def _lower_inverse(lower, block: int = INVERSE_BLOCK):
+    """L⁻¹ of a lower-triangular L, by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]]. The
+    off-diagonal blocks are matrix products, which a GPU runs far faster than a triangular solve."""
+    import torch
+
+    n = lower.shape[0]
+    if n <= block:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
+    h = n // 2
+    a, c = _lower_inverse(lower[:h, :h], block), _lower_inverse(lower[h:, h:], block)
+    out = lower.new_zeros(n, n)
+    out[:h, :h], out[h:, h:] = a, c
+    out[h:, :h] = -(c @ (lower[h:, :h] @ a))
+    return out
+
+
+@dataclass
+class _Pending:
+    """A module's signal still on the device: ⟨M₁, M₂⟩, ‖M̄‖² and the cross-Gram of the spectrum."""
+
+    info: object
+    signal: object = None
+    naive: object = None
+    cross: object = None
+
+
+def _signal(info, stats: _Stats, input_whitener: _Whitener | None, output_whitener: _Whitener | None,
+            sketches: dict) -> _Pending:
+    import torch
+
+    if input_whitener is None or output_whitener is None or any(f is None for f in stats.folds):
+        return _Pending(info)
+    folds = torch.empty((FOLDS, *stats.folds[0].shape), dtype=torch.float32, device=stats.folds[0].device)
+    for k, fold in enumerate(stats.folds):
+        folds[k].copy_(fold)  # fp32, one copy
+    m1, m2 = input_whitener.right(output_whitener.left(folds, inplace=True), inplace=True)
+    f1, f2 = m1.reshape(-1), m2.reshape(-1)
+    signal = torch.dot(f1, f2)
+    naive = (torch.dot(f1, f1) + 2 * signal + torch.dot(f2, f2)) / 4  # ‖(M₁ + M₂)/2‖²
     if m1.shape[0] < m1.shape[1]:  # the spectrum lives on the smaller side
         m1, m2 = m1.T, m2.T
-    if m1.shape[1] <= EXACT_MAX:
-        p1, p2 = m1, m2
-    else:
+    return _Pending(info, signal, naive, _cross_gram(m1, m2, sketches))
+
+
+def _cross_gram(m1, m2, sketches: dict):
+    """A float64 matrix whose eigenvalues are those of C = (M₁ᵀM₂ + M₂ᵀM₁)/2 (M tall): C itself up
+    to EXACT_MAX columns, else QᵀCQ for an orthonormal Q whose first SKETCH columns span C's
+    dominant eigenvectors (subspace iteration, POWER power steps) and whose KRYLOV_STEPS blocks of
+    KRYLOV_BLOCK columns extend it by a block Krylov space [CΩ, C²Ω, …] (the spectrum's ends, the
+    noise floor's edge among them). C is never formed: C·Z is (M₁ᵀ(M₂Z) + M₂ᵀ(M₁Z))/2, two batched
+    products."""
+    import torch
+
+    n, top = m1.shape[1], SKETCH + KRYLOV_BLOCK * KRYLOV_STEPS
+    if n <= EXACT_MAX or n <= top:
+        return ((m1.T @ m2 + m2.T @ m1) / 2).double()
+    key = (n, m1.device, m1.dtype)
+    if key not in sketches:  # one Gaussian start per width, the same for every module
         generator = torch.Generator(device=m1.device).manual_seed(0)
-        omega = torch.randn(m1.shape[1], SKETCH, generator=generator, device=m1.device, dtype=m1.dtype)
-        p1, p2 = m1 @ omega / math.sqrt(SKETCH), m2 @ omega / math.sqrt(SKETCH)
-    cross = (p1.T @ p2 + p2.T @ p1).double() / 2
-    eigenvalues = torch.linalg.eigvalsh(cross).flip(0)
-    floor = max(-float(eigenvalues.min()), 0.0)
-    kept = (eigenvalues - floor).clamp_min(0)
+        sketches[key] = torch.randn(n, SKETCH + KRYLOV_BLOCK, generator=generator, device=m1.device, dtype=m1.dtype)
+    m = torch.stack((m1, m2))
+
+    def times_c(z):  # 2·C·Z
+        return (m.transpose(1, 2) @ (m @ z).flip(0)).sum(0)
+
+    q = m1.new_empty(n, top)
+    start = sketches[key]
+    z = start[:, :SKETCH]
+    for _ in range(POWER + 1):
+        z = _orthonormal(times_c(z))
+    q[:, :SKETCH] = z
+    z = start[:, SKETCH:]
+    for end in range(SKETCH + KRYLOV_BLOCK, top + 1, KRYLOV_BLOCK):
+        z, done = times_c(z), q[:, :end - KRYLOV_BLOCK]
+        for _ in range(2):  # block Gram-Schmidt against the columns so far, twice for orthogonality
+            z = z - done @ (done.T @ z)
+        z = q[:, end - KRYLOV_BLOCK:end] = _orthonormal(z)
+    p = m @ q
+    return ((p[0].T @ p[1] + p[1].T @ p[0]) / 2).double()
+
+
+def _orthonormal(y):
+    """An orthonormal basis of y's columns by CholeskyQR in float64 (three kernels, no Householder
+    sweep); a tiny ridge keeps it defined when C has fewer directions than y has columns."""
+    import torch
+
+    y = y.double()
+    gram = y.T @ y
+    gram.diagonal().add_(1e-12 * gram.diagonal().mean() + 1e-300)
+    lower = torch.linalg.cholesky_ex(gram).L
+    return torch.linalg.solve_triangular(lower, y.T, upper=False).T.float()
+
+
+def _finish(pending: list[_Pending]) -> dict[str, ModuleSignal]:
+    """Brings a pass's results back at once; the spectra's eigenvalues on the CPU, stacked by size."""
+    import torch
+
+    out = {p.info.name: ModuleSignal(p.info.name, p.info.role, p.info.layer, 0.0, 0.0, 0, [])
+           for p in pending if p.cross is None}
+    live = [p for p in pending if p.cross is not None]
+    if not live:
+        return out
+    scalars = torch.stack([torch.stack([p.signal, p.naive]) for p in live]).double().cpu().tolist()
+    eigenvalues = {}
+    for size in {p.cross.shape[0] for p in live}:
+        same = [i for i, p in enumerate(live) if p.cross.shape[0] == size]
+        values = torch.linalg.eigvalsh(torch.stack([live[i].cross for i in same]).cpu()).flip(-1)
+        eigenvalues.update(zip(same, values, strict=True))
+    for i, p in enumerate(live):
+        out[p.info.name] = ModuleSignal(p.info.name, p.info.role, p.info.layer, *scalars[i], *_rank(eigenvalues[i]))
+    return out
+
+
+def _rank(values) -> tuple[int, list[float]]:
+    """The directions holding ENERGY of the signal in a cross-Gram's eigenvalues (descending), after
+    the noise floor (the most negative eigenvalue's magnitude) is taken off each; and the top of
+    that spectrum."""
+    floor = max(-float(values.min()), 0.0)
+    kept = (values - floor).clamp_min(0)
     total = float(kept.sum())
     rank = int((kept.cumsum(0) / total < ENERGY).sum()) + 1 if total > 0 else 0
-    spectrum = [round(float(v), 8) for v in kept[kept > 0][:32]]
-    return ModuleSignal(info.name, info.role, info.layer, signal, naive, rank, spectrum)
+    return rank, [round(float(v), 8) for v in kept[kept > 0][:32]]
 
 
 def _roles(signals: list[ModuleSignal]) -> list[RoleSignal]:

@@ -42,6 +42,8 @@ class MicroBatch:
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
             mask[i, : len(x)] = 1
+        if torch.device(device).type == "cuda":  # from pinned memory: the host does not wait for the GPU
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in (ids, labels, mask))
         return ids.to(device), labels.to(device), mask.to(device)
 
 

@@ -29,15 +29,20 @@ def register(parser):
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--max-length", type=positive_int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-memory", metavar="SIZE", default=None,
+                        help="cap the GPU memory the probe plans for, weights included, e.g. 40GB (default: 90%% of "
+                             "what is free; less memory means more layers recomputed or more passes, not an error)")
     parser.add_argument("--out", help="also write the result as JSON (a sweep folder reads it as probe.json)")
 
 
 def run(args) -> int:
+    from ..gpu_memory import parse_size
     from ..probing import probe
 
+    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     result = probe(args.model, args.data, targets=args.targets, batches=args.batches, batch_size=args.batch_size,
                    max_length=args.max_length, fmt=args.format, seed=args.seed,
-                   trust_remote_code=args.trust_remote_code, progress=not args.json)
+                   trust_remote_code=args.trust_remote_code, progress=not args.json, max_memory=max_memory)
     data = result.to_json()
     if args.out:
         with open(args.out, "w") as f:
