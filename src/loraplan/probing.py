@@ -259,6 +259,7 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
     columns = Counter()  # how many vectors each input factor will whiten: FOLDS × out per reader
     for m in group:
         columns[id(stats[m.name].input)] += FOLDS * m.out_features
+
     def factors(members) -> list:  # (moment, columns) per factor of a layer, shared input factors once
         wanted = {}
         for m in members:
@@ -268,7 +269,7 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
                     wanted.setdefault(id(moment), (moment, width))
         return list(wanted.values())
 
-    layers = [[m for m in group if m.layer == layer] for layer in dict.fromkeys(m.layer for m in group)]
+    layers = _by_layer(group)
     factorizer = _Factorizer(device)
     pending, sketches = [], {}
     ticket = factorizer.start(factors(layers[0]))
@@ -338,6 +339,14 @@ def _attention_kernels(device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def _by_layer(modules) -> list[list]:
+    """The modules grouped by layer, layers in order of first appearance."""
+    layers: dict = {}
+    for m in modules:
+        layers.setdefault(m.layer, []).append(m)
+    return list(layers.values())
+
+
 def _factor_bytes(dim: int) -> int:
     return 4 * (dim * dim if dim <= DENSE_MAX else dim)
 
@@ -355,19 +364,13 @@ def _whitening_bytes(group) -> int:
     """Temporaries of the whitening, a layer at a time: two layers' whitening matrices (fp32; the next
     layer's are built meanwhile) with one factor's float64 work (the factor, its Cholesky factor, the
     inverse and its halves), then one module's folds in fp32 and their whitened copies."""
-    layers: dict = {}
-    for m in group:
-        layers.setdefault(m.layer, []).append(m)
     widest = max((d for m in group for d in (m.in_features, m.out_features) if d <= DENSE_MAX), default=0)
-    return (2 * max(_layer_bytes(members, 0) for members in layers.values()) + 40 * widest ** 2
+    return (2 * max(_layer_bytes(members, 0) for members in _by_layer(group)) + 40 * widest ** 2
             + max(4 * 3 * FOLDS * m.in_features * m.out_features for m in group))
 
 
 def _stats_bytes(modules, grad_bytes: int) -> int:
-    layers: dict = {}
-    for m in modules:
-        layers.setdefault(m.layer, []).append(m)
-    return sum(_layer_bytes(group, grad_bytes) for group in layers.values()) + _whitening_bytes(modules)
+    return sum(_layer_bytes(group, grad_bytes) for group in _by_layer(modules)) + _whitening_bytes(modules)
 
 
 def _memory_plan(net, modules, batches, pad_id: int, grad_bytes: int, layers: int,
@@ -445,11 +448,8 @@ def _activations(net, batch, pad_id: int, checkpointed: int) -> int:
 
 def _passes(modules, budget: int, grad_bytes: int) -> list[list]:
     """Whole layers per pass, as many as fit the budget (a layer alone always gets a pass)."""
-    layers: dict = {}
-    for m in modules:
-        layers.setdefault(m.layer, []).append(m)
     passes, current, used = [], [], 0
-    for group in layers.values():
+    for group in _by_layer(modules):
         size = _layer_bytes(group, grad_bytes)
         if current and used + size + _whitening_bytes(current + group) > budget:
             passes.append(current)
@@ -651,10 +651,13 @@ class _Factorizer:
         """Starts the whiteners of `factors` [(moment, columns)]: a ticket for `finish`."""
         import torch
 
+        def build() -> dict:
+            return {id(moment): _Whitener(moment.matrix, moment.n, columns) for moment, columns in factors}
+
         if self.stream is None:
-            return {id(moment): _Whitener(moment.matrix, moment.n, columns) for moment, columns in factors}, None, None
+            return build(), None, None
         with torch.cuda.stream(self.stream):
-            whiteners = {id(moment): _Whitener(moment.matrix, moment.n, columns) for moment, columns in factors}
+            whiteners = build()
             dense = [w.info for w in whiteners.values() if w.info is not None]
             infos = torch.empty(len(dense), dtype=torch.int32, pin_memory=True)
             if dense:
