@@ -111,12 +111,15 @@ def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_un
     batches = [s[0] for s in training_steps(load_data(str(mlp_task.train), tokenizer, max_length=64).train,
                                             4, 16, None, 0)]
     together = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1 << 40)
-    apart = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1)
+    apart = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1,
+                          max_memory=1 << 30)
     # checkpointed layers run their forward (and the hooks) twice: each statistic still counts once
     recomputed = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, checkpointing=True)
     with _checkpointed(model, 1):  # only the first layer recomputed (what a GPU short of memory gets)
         partly = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, checkpointing=False)
     assert any("4 passes" in n for n in apart.notes) and not any("passes" in n for n in together.notes)
+    assert any("--max-memory caps GPU memory; on cpu it is not used" in n for n in apart.notes)
+    assert not any("--max-memory" in n for n in together.notes)
     assert any("4 of 4 layers recompute" in n for n in recomputed.notes)
     for a, b, c, d in zip(together.modules, apart.modules, recomputed.modules, partly.modules, strict=True):
         assert a.name == b.name == c.name == d.name and a.naive > 0

@@ -215,6 +215,8 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     result = ProbeResult(model="", data="", batches=len(batches), tokens=tokens, seconds=round(time.time() - t0, 3),
                          peak_memory_bytes=peak, modules=ordered, roles=_roles(ordered), plan=None)
+    if max_memory is not None and device.type != "cuda":
+        result.notes.append(f"--max-memory caps GPU memory; on {device.type} it is not used")
     if len(passes) > 1:
         result.notes.append(f"{len(passes)} passes over the batches (layer groups) to fit the statistics in memory")
     if recomputed and layers:
