@@ -164,13 +164,17 @@ def test_padding_is_left_out_of_the_factors():
     assert torch.allclose(st.input.matrix, real.T @ real, atol=1e-5)
 
 
-def test_triangular_inverse_by_halves():
+@pytest.mark.parametrize("n", [1, 13, 64, 100])
+def test_triangular_inverse_by_blocks(n):
+    """Every split: one block, blocks of 1, widths that need padding (13 = 4 × 4 - 3), powers of two;
+    also a column-major L (what cholesky returns on some devices)."""
     from loraplan.probing import _lower_inverse
 
     torch.manual_seed(0)
-    lower = torch.randn(13, 13, dtype=torch.float64).tril() + 4 * torch.eye(13, dtype=torch.float64)
-    for block in (2, 5, 13):
-        assert torch.allclose(_lower_inverse(lower, block) @ lower, torch.eye(13, dtype=torch.float64), atol=1e-12)
+    lower = torch.randn(n, n, dtype=torch.float64).tril() + 4 * torch.eye(n, dtype=torch.float64)
+    for block in (1, 2, 4, 5, 16, n, 2 * n):
+        for layout in (lower, lower.T.contiguous().T):
+            assert torch.allclose(_lower_inverse(layout, block) @ lower, torch.eye(n, dtype=torch.float64), atol=1e-12)
 
 
 def test_memory_plan_checkpoints_as_few_layers_as_fit():
@@ -207,7 +211,7 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
     one and the noise floor (the most negative eigenvalue) within 5%, also when C has far fewer
     directions than the space has columns. A plain Gaussian compression ΩᵀCΩ (64 columns) reads the
     40-direction case as about 60% of its rank."""
-    from loraplan.probing import EXACT_MAX, _cross_gram, _rank
+    from loraplan.probing import EXACT_MAX, _cross, _eigenvalues, _ranks, _spectrum_matrices
 
     torch.manual_seed(0)
     rows, cols = 900, 600
@@ -217,16 +221,30 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
     m1, m2 = signal + noise * torch.randn(rows, cols), signal + noise * torch.randn(rows, cols)
 
     def rank(cross):
-        return _rank(torch.linalg.eigvalsh(cross).flip(0))[0]
+        return _ranks(torch.linalg.eigvalsh(cross).flip(0)[None])[0][0]
 
     def floor(cross):
         return -float(torch.linalg.eigvalsh(cross)[0])
 
-    full, ritz = ((m1.T @ m2 + m2.T @ m1) / 2).double(), _cross_gram(m1, m2, {})
-    assert ritz.shape == (256, 256)
+    full = ((m1.T @ m2 + m2.T @ m1) / 2).double()
+    crosses = [_cross(m1, m2), _cross(m1, m2)]
+    ritz, again = _spectrum_matrices(crosses, {}).double()  # a batch of two: each gets the same subspace
+    assert not crosses and ritz.shape == (256, 256) and torch.equal(ritz, again)
+    assert torch.allclose(_eigenvalues(torch.stack([ritz, full[:256, :256]]))[0], torch.linalg.eigvalsh(ritz).flip(0))
     exact = rank(full)
     assert abs(rank(ritz) - exact) <= 1
     assert floor(ritz) == pytest.approx(floor(full), rel=0.05)
     if planted == 40:
         omega = torch.randn(cols, 64) / 8
         assert rank(((omega.T @ m1.T @ m2 @ omega + omega.T @ m2.T @ m1 @ omega) / 2).double()) < 0.7 * exact
+
+
+def test_ranks_take_the_noise_floor_off_each_spectrum():
+    from loraplan.probing import ENERGY, _ranks
+
+    assert ENERGY == 0.9
+    values = torch.tensor([[3.0, 1.0, -0.5], [5.0, 1.0, -2.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    ranks, tops = _ranks(values)
+    # floor 0.5: 2.5 and 0.5 above it, 83% in one direction; floor 2: only 3 above it; nothing above the floor
+    assert ranks == [2, 1, 0]
+    assert tops == [[2.5, 0.5], [3.0], []]

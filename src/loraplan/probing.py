@@ -13,15 +13,15 @@ hold that decrease (the rank a LoRA adapter needs for it).
 Noise: the batches are split into two halves with independent gradients M₁, M₂. ⟨M₁, M₂⟩ estimates
 ‖E[M]‖² without the noise energy that inflates ‖M‖² (more for bigger matrices); the cross-Gram of
 M₁ and M₂ estimates the spectrum the same way, and its most negative eigenvalue gives the noise floor
-below which directions are not counted. Up to EXACT_MAX columns the cross-Gram is decomposed exactly;
-beyond, from the Ritz values of a 256-column subspace: 128 columns of subspace iteration (Halko,
-Martinsson & Tropp 2011), which resolve the top of the spectrum, extended by a 128-column block Krylov
-space (Musco & Musco 2015), which reaches the floor at the edge of the dense noise bulk where
-subspace iteration does not. On the real-data task's 384-column modules this reads the exact 90%
-ranks (10-52) within +1 and the floor within 4%; subspace iteration alone put the floor up to 18%
-low and read the ranks up to +4, the Krylov space alone cut the tail and read them up to 14 low, and
-a plain Gaussian compression ΩᵀCΩ spreads the eigenvalues (Marchenko-Pastur) and read them 0.54-0.8×
-(benchmarks/probe/RESULTS.md).
+below which directions are not counted. C is formed once per module (one product, as small as the
+weight's smaller side). Up to EXACT_MAX columns it is decomposed exactly; beyond, from the Ritz
+values of a 256-column subspace: 128 columns of subspace iteration (Halko, Martinsson & Tropp 2011),
+which resolve the top of the spectrum, extended by a 128-column block Krylov space (Musco & Musco
+2015), which reaches the floor at the edge of the dense noise bulk where subspace iteration does not.
+On the real-data task's 384-column modules this reads the exact 90% ranks (10-52) within +1 and the
+floor within 4%; subspace iteration alone put the floor up to 18% low and read the ranks up to +4,
+the Krylov space alone cut the tail and read them up to 14 low, and a plain Gaussian compression
+ΩᵀCΩ spreads the eigenvalues (Marchenko-Pastur) and read them 0.54-0.8× (benchmarks/probe/RESULTS.md).
 
 Cost: one forward/backward per batch (per layer group when the statistics do not fit in memory;
 on a GPU, as few layers recomputed in the backward pass as the memory left requires). Factors are
@@ -30,7 +30,9 @@ Modules reading the same input (q/k/v, gate/up) share one input factor; whitenin
 Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩); factors wider than DENSE_MAX keep only
 their diagonal — a per-channel whitening, which is not equivalent and is not what the planted tasks
 validate; each fold's gradient is summed by autograd in the weights' dtype. Nothing waits on the GPU
-inside a layer: results come back once per pass.
+inside a layer: a layer's factorizations run on a side stream while the previous layer's products
+do. The Ritz steps of every C of the same width run batched at the end of a pass, and their
+eigenvalues are taken on the CPU by a pool of threads.
 
 Validated on planted tasks and one real-data task (benchmarks/probe/RESULTS.md), including where it
 fails: the gradient at the base measures the first steps, not what an adapter can finally reach, and
@@ -60,7 +62,8 @@ ENERGY = 0.9  # rank = directions holding this share of a module's signal
 COVER = 0.8  # the plan's targets hold this share of the total signal
 DAMPING = 1e-2  # Tikhonov damping of each Kronecker factor, relative to its mean eigenvalue
 DENSE_MAX = 8192  # wider factors are kept as their diagonal
-INVERSE_BLOCK = 1024  # triangular inverses split recursively down to this size (float64 products)
+INVERSE_BLOCK = 128  # triangular inverses: diagonal blocks at most this wide, merged by float64 products
+RITZ_BYTES = 1 << 30  # cross-Grams in one batch of Ritz steps (all fold gradients are freed by then)
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,7 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
 
     layers = _by_layer(group)
     factorizer = _Factorizer(device)
-    pending, sketches = [], {}
+    pending = []
     ticket = factorizer.start(factors(layers[0]))
     for k, members in enumerate(layers):
         current = ticket
@@ -282,7 +285,7 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
         whiteners = factorizer.finish(current)
         for m in members:
             st = stats[m.name]
-            pending.append(_signal(m, st, whiteners.get(id(st.input)), whiteners.get(id(st.output)), sketches))
+            pending.append(_signal(m, st, whiteners.get(id(st.input)), whiteners.get(id(st.output))))
             st.folds, st.input, st.output = [None] * FOLDS, None, None  # free as we go
     return _finish(pending)
 
@@ -364,10 +367,12 @@ def _layer_bytes(group, grad_bytes: int) -> int:
 
 def _whitening_bytes(group) -> int:
     """Temporaries of the whitening, a layer at a time: two layers' whitening matrices (fp32; the next
-    layer's are built meanwhile) with one factor's float64 work (the factor, its Cholesky factor, the
-    inverse and its halves), then one module's folds in fp32 and their whitened copies."""
+    layer's are built meanwhile) with one factor's float64 work (the factor or its Cholesky factor,
+    the inverse and its parts: 28 bytes an entry), then one module's folds in fp32 and their
+    whitened copies. The cross-Grams kept for the end of the pass (fp32, the weight's smaller side
+    squared) are smaller than the fold gradients freed as each is made."""
     widest = max((d for m in group for d in (m.in_features, m.out_features) if d <= DENSE_MAX), default=0)
-    return (2 * max(_layer_bytes(members, 0) for members in _by_layer(group)) + 40 * widest ** 2
+    return (2 * max(_layer_bytes(members, 0) for members in _by_layer(group)) + 28 * widest ** 2
             + max(4 * 3 * FOLDS * m.in_features * m.out_features for m in group))
 
 
@@ -401,9 +406,13 @@ def _memory_plan(net, modules, batches, pad_id: int, grad_bytes: int, layers: in
     longest = max(batches, key=lambda mb: len(mb.input_ids) * max(map(len, mb.input_ids)))  # padded size
     if not layers:
         checkpointing = False
+    stats = _stats_bytes(modules, grad_bytes)
     full = _activations(net, longest, pad_id, 0) if checkpointing is not True else 0
-    lean = _activations(net, longest, pad_id, layers) if checkpointing is not False else 0
-    return _choose(usable, _stats_bytes(modules, grad_bytes), full, lean, layers, checkpointing)
+    if checkpointing is False or (checkpointing is None and usable - stats >= full):
+        lean = 0  # not needed: nothing is checkpointed (a pass of the model saved)
+    else:
+        lean = _activations(net, longest, pad_id, layers)
+    return _choose(usable, stats, full, lean, layers, checkpointing)
 
 
 def _choose(usable: int, stats: int, full: int, lean: int, layers: int, checkpointing: bool | None) -> tuple[int, int]:
@@ -486,24 +495,27 @@ class _Moment:
             x = x.index_select(0, real[1])
         if x.shape[1] > DENSE_MAX:  # Σ x², summed in fp32 without an fp32 copy of x
             update = torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
+            self.matrix = update if self.matrix is None else self.matrix.add_(update)
         else:
-            update = _gram(x)
-        self.matrix = update if self.matrix is None else self.matrix.add_(update)
+            self.matrix = _gram(x, self.matrix)
         self.n += x.shape[0]
 
 
-def _gram(x):
-    """xᵀx with fp32 sums: half-precision inputs multiply on the tensor cores without an fp32 copy
-    (the products of bf16/fp16 numbers are exact in fp32; only the sums round)."""
+def _gram(x, into=None):
+    """xᵀx with fp32 sums, added in place to `into` when given: half-precision inputs multiply on the
+    tensor cores without an fp32 copy (the products of bf16/fp16 numbers are exact in fp32; only the
+    sums round)."""
     import torch
 
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         try:
-            return torch.mm(x.T, x, out_dtype=torch.float32)
+            if into is None:
+                return torch.mm(x.T, x, out_dtype=torch.float32)
+            return torch.addmm(into, x.T, x, out_dtype=torch.float32, out=into)
         except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
             pass
     x = x.float()
-    return x.T @ x
+    return x.T @ x if into is None else into.addmm_(x.T, x)
 
 
 class _SharedInputs:
@@ -599,7 +611,7 @@ class _Whitener:
         import torch
 
         self.matrix, self.n, self.columns = matrix, n, columns
-        f = matrix.double() / max(n, 1)
+        f = matrix.to(torch.float64, copy=True).div_(max(n, 1))
         self.diagonal = self.cholesky = self.inverse = self.info = None
         if f.dim() == 1:
             f = f.clamp_min(0)
@@ -607,7 +619,8 @@ class _Whitener:
             return
         f.diagonal().add_(boost * _damping(f.diagonal().clamp_min(0).mean()))
         cholesky, self.info = torch.linalg.cholesky_ex(f)
-        if columns >= f.shape[0]:
+        del f
+        if columns >= cholesky.shape[0]:
             self.inverse = _lower_inverse(cholesky).float()
         else:
             self.cholesky = cholesky
@@ -626,6 +639,8 @@ class _Whitener:
         """g · Wᵀ"""
         if self.diagonal is not None:
             return g.mul_(self.diagonal) if inplace else g * self.diagonal
+        if self.inverse is not None:
+            return g @ self.inverse.T  # contiguous, as g is
         return self.left(g.transpose(-1, -2)).transpose(-1, -2)
 
     def record_stream(self, stream):
@@ -706,24 +721,44 @@ def _repair(whiteners: dict, infos: list[int] | None = None) -> None:
 
 
 def _lower_inverse(lower, block: int = INVERSE_BLOCK):
-    """L⁻¹ of a lower-triangular L, by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]]. The
-    off-diagonal blocks are matrix products, which a GPU runs far faster than a triangular solve."""
+    """L⁻¹ of a lower-triangular L, bottom up: the diagonal blocks (at most `block` wide) are inverted
+    by one batched triangular solve, then the inverted blocks are merged in pairs, [[A, 0], [B, C]]⁻¹
+    = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]], every pair of a level by the same two batched products: a few dozen
+    kernels in all, where a triangular solve of the whole runs hundreds of small ones. L is padded
+    with an identity to blocks × 2^levels (fewer than 2^levels extra rows)."""
     import torch
 
     n = lower.shape[0]
-    if n <= block:
-        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
-    h = n // 2
-    a, c = _lower_inverse(lower[:h, :h], block), _lower_inverse(lower[h:, h:], block)
-    out = lower.new_zeros(n, n)
-    out[:h, :h], out[h:, h:] = a, c
-    out[h:, :h] = -(c @ (lower[h:, :h] @ a))
-    return out
+    levels = math.ceil(math.log2(n / block)) if n > block else 0
+    size = -(-n // (1 << levels))  # the diagonal blocks' width
+    total = size << levels
+    if total == n:
+        padded = lower.contiguous()  # the views below assume row-major storage
+    else:
+        padded = torch.eye(total, dtype=lower.dtype, device=lower.device)
+        padded[:n, :n] = lower
+    out = torch.zeros_like(padded)
+
+    def blocks(t, width: int, below: bool, step: int):
+        """Views of t's diagonal blocks of `width` (or those just below them), every `step`-th."""
+        stride = width * (total + 1) * step
+        offset = t.storage_offset() + (width * total if below else 0)
+        return t.as_strided((total // (width * step), width, width), (stride, total, 1), offset)
+
+    blocks(out, size, False, 1).copy_(torch.linalg.solve_triangular(
+        blocks(padded, size, False, 1), torch.eye(size, dtype=lower.dtype, device=lower.device), upper=False))
+    width = size
+    while width < total:
+        inverses = blocks(out, width, False, 1)
+        a, c = inverses[0::2], inverses[1::2]
+        torch.neg(c @ (blocks(padded, width, True, 2) @ a), out=blocks(out, width, True, 2))
+        width *= 2
+    return out if total == n else out[:n, :n]
 
 
 @dataclass
 class _Pending:
-    """A module's signal still on the device: ⟨M₁, M₂⟩, ‖M̄‖² and the cross-Gram of the spectrum."""
+    """A module's signal still on the device: ⟨M₁, M₂⟩, ‖M̄‖² and the cross-Gram C (fp32)."""
 
     info: object
     signal: object = None
@@ -731,8 +766,7 @@ class _Pending:
     cross: object = None
 
 
-def _signal(info, stats: _Stats, input_whitener: _Whitener | None, output_whitener: _Whitener | None,
-            sketches: dict) -> _Pending:
+def _signal(info, stats: _Stats, input_whitener: _Whitener | None, output_whitener: _Whitener | None) -> _Pending:
     import torch
 
     if input_whitener is None or output_whitener is None or any(f is None for f in stats.folds):
@@ -740,66 +774,80 @@ def _signal(info, stats: _Stats, input_whitener: _Whitener | None, output_whiten
     folds = torch.empty((FOLDS, *stats.folds[0].shape), dtype=torch.float32, device=stats.folds[0].device)
     for k, fold in enumerate(stats.folds):
         folds[k].copy_(fold)  # fp32, one copy
-    m1, m2 = input_whitener.right(output_whitener.left(folds, inplace=True), inplace=True)
-    f1, f2 = m1.reshape(-1), m2.reshape(-1)
+    m = input_whitener.right(output_whitener.left(folds, inplace=True), inplace=True)
+    f1, f2 = m[0].reshape(-1), m[1].reshape(-1)
     signal = torch.dot(f1, f2)
     naive = (torch.dot(f1, f1) + 2 * signal + torch.dot(f2, f2)) / 4  # ‖(M₁ + M₂)/2‖²
-    if m1.shape[0] < m1.shape[1]:  # the spectrum lives on the smaller side
-        m1, m2 = m1.T, m2.T
-    return _Pending(info, signal, naive, _cross_gram(m1, m2, sketches))
+    if m.shape[1] < m.shape[2]:  # the spectrum lives on the smaller side
+        m = m.transpose(1, 2)
+    return _Pending(info, signal, naive, _cross(m[0], m[1]))
 
 
-def _cross_gram(m1, m2, sketches: dict):
-    """A float64 matrix whose eigenvalues are those of C = (M₁ᵀM₂ + M₂ᵀM₁)/2 (M tall): C itself up
-    to EXACT_MAX columns, else QᵀCQ for an orthonormal Q whose first SKETCH columns span C's
-    dominant eigenvectors (subspace iteration, POWER power steps) and whose KRYLOV_STEPS blocks of
-    KRYLOV_BLOCK columns extend it by a block Krylov space [CΩ, C²Ω, …] (the spectrum's ends, the
-    noise floor's edge among them). C is never formed: C·Z is (M₁ᵀ(M₂Z) + M₂ᵀ(M₁Z))/2, two batched
-    products."""
+def _cross(m1, m2):
+    """C = (M₁ᵀM₂ + M₂ᵀM₁)/2 for tall M: one product, as small as the smaller side of the weight."""
+    x = m1.T @ m2
+    return (x + x.T).mul_(0.5)
+
+
+def _spectrum_matrices(crosses: list, sketches: dict):
+    """Matrices whose eigenvalues are those of the cross-Grams C (n × n, the same n for all),
+    stacked: C itself up to EXACT_MAX columns, else QᵀCQ for an orthonormal Q whose first SKETCH
+    columns span C's dominant eigenvectors (subspace iteration, POWER power steps) and whose
+    KRYLOV_STEPS blocks of KRYLOV_BLOCK columns extend it by a block Krylov space [CΩ, C²Ω, …] (the
+    spectrum's ends, the noise floor's edge among them). The Ritz steps run on a batch of C at once,
+    RITZ_BYTES of them at a time; `crosses` is emptied as they go (each C is freed once used)."""
     import torch
 
-    n, top = m1.shape[1], SKETCH + KRYLOV_BLOCK * KRYLOV_STEPS
+    n, top = crosses[0].shape[0], SKETCH + KRYLOV_BLOCK * KRYLOV_STEPS
     if n <= EXACT_MAX or n <= top:
-        return ((m1.T @ m2 + m2.T @ m1) / 2).double()
-    key = (n, m1.device, m1.dtype)
+        out = torch.stack(crosses)
+        crosses.clear()
+        return out
+    device, dtype = crosses[0].device, crosses[0].dtype
+    key = (n, device, dtype)
     if key not in sketches:  # one Gaussian start per width, the same for every module
-        generator = torch.Generator(device=m1.device).manual_seed(0)
-        sketches[key] = torch.randn(n, SKETCH + KRYLOV_BLOCK, generator=generator, device=m1.device, dtype=m1.dtype)
-    m = torch.stack((m1, m2))
-
-    def times_c(z):  # 2·C·Z
-        return (m.transpose(1, 2) @ (m @ z).flip(0)).sum(0)
-
-    q = m1.new_empty(n, top)
+        generator = torch.Generator(device=device).manual_seed(0)
+        sketches[key] = torch.randn(n, SKETCH + KRYLOV_BLOCK, generator=generator, device=device, dtype=dtype)
     start = sketches[key]
-    z = start[:, :SKETCH]
-    for _ in range(POWER + 1):
-        z = _orthonormal(times_c(z))
-    q[:, :SKETCH] = z
-    z = start[:, SKETCH:]
-    for end in range(SKETCH + KRYLOV_BLOCK, top + 1, KRYLOV_BLOCK):
-        z, done = times_c(z), q[:, :end - KRYLOV_BLOCK]
-        for _ in range(2):  # block Gram-Schmidt against the columns so far, twice for orthogonality
-            z = z - done @ (done.T @ z)
-        z = q[:, end - KRYLOV_BLOCK:end] = _orthonormal(z)
-    p = m @ q
-    return ((p[0].T @ p[1] + p[1].T @ p[0]) / 2).double()
+    chunk = max(1, RITZ_BYTES // (4 * n * (n + 5 * top)))  # the Cs and their Ritz work
+    out = []
+    while crosses:
+        c = torch.stack(crosses[:chunk])
+        del crosses[:chunk]
+        q = c.new_empty(c.shape[0], n, top)
+        z = start[:, :SKETCH]
+        for _ in range(POWER + 1):
+            z = _orthonormal(c @ z)
+        q[..., :SKETCH] = z
+        z = start[:, SKETCH:]
+        for end in range(SKETCH + KRYLOV_BLOCK, top + 1, KRYLOV_BLOCK):
+            z, done = c @ z, q[..., :end - KRYLOV_BLOCK]
+            for _ in range(2):  # block Gram-Schmidt against the columns so far, twice for orthogonality
+                z = z - done @ (done.transpose(1, 2) @ z)
+            z = q[..., end - KRYLOV_BLOCK:end] = _orthonormal(z)
+        ritz = q.transpose(1, 2) @ (c @ q)
+        del c
+        out.append((ritz + ritz.transpose(1, 2)) / 2)
+    return torch.cat(out)
 
 
 def _orthonormal(y):
-    """An orthonormal basis of y's columns by CholeskyQR in float64 (three kernels, no Householder
-    sweep); a tiny ridge keeps it defined when C has fewer directions than y has columns."""
+    """Orthonormal bases of the columns of y (..., n, k) by CholeskyQR in float64 (three batched
+    kernels, no Householder sweep); a tiny ridge keeps them defined when C has fewer directions than
+    y has columns."""
     import torch
 
     y = y.double()
-    gram = y.T @ y
-    gram.diagonal().add_(1e-12 * gram.diagonal().mean() + 1e-300)
+    gram = y.transpose(-1, -2) @ y
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    diagonal.add_(1e-12 * diagonal.mean(-1, keepdim=True) + 1e-300)
     lower = torch.linalg.cholesky_ex(gram).L
-    return torch.linalg.solve_triangular(lower, y.T, upper=False).T.float()
+    return torch.linalg.solve_triangular(lower, y.transpose(-1, -2), upper=False).transpose(-1, -2).float()
 
 
 def _finish(pending: list[_Pending]) -> dict[str, ModuleSignal]:
-    """Brings a pass's results back at once; the spectra's eigenvalues on the CPU, stacked by size."""
+    """Brings a pass's results back at once: the spectra's matrices batched by size, their
+    eigenvalues on the CPU."""
     import torch
 
     out = {p.info.name: ModuleSignal(p.info.name, p.info.role, p.info.layer, 0.0, 0.0, 0, [])
@@ -808,25 +856,61 @@ def _finish(pending: list[_Pending]) -> dict[str, ModuleSignal]:
     if not live:
         return out
     scalars = torch.stack([torch.stack([p.signal, p.naive]) for p in live]).double().cpu().tolist()
-    eigenvalues = {}
-    for size in {p.cross.shape[0] for p in live}:
-        same = [i for i, p in enumerate(live) if p.cross.shape[0] == size]
-        values = torch.linalg.eigvalsh(torch.stack([live[i].cross for i in same]).cpu()).flip(-1)
-        eigenvalues.update(zip(same, values, strict=True))
+    spectra, sketches, sizes = {}, {}, [p.cross.shape[0] for p in live]
+    for size in dict.fromkeys(sizes):
+        same = [i for i, n in enumerate(sizes) if n == size]
+        crosses = [live[i].cross for i in same]
+        for i in same:
+            live[i].cross = None
+        values = _eigenvalues(_to_host(_spectrum_matrices(crosses, sketches)).double())
+        spectra.update(zip(same, zip(*_ranks(values), strict=True), strict=True))
     for i, p in enumerate(live):
-        out[p.info.name] = ModuleSignal(p.info.name, p.info.role, p.info.layer, *scalars[i], *_rank(eigenvalues[i]))
+        out[p.info.name] = ModuleSignal(p.info.name, p.info.role, p.info.layer, *scalars[i], *spectra[i])
     return out
 
 
-def _rank(values) -> tuple[int, list[float]]:
-    """The directions holding ENERGY of the signal in a cross-Gram's eigenvalues (descending), after
-    the noise floor (the most negative eigenvalue's magnitude) is taken off each; and the top of
-    that spectrum."""
-    floor = max(-float(values.min()), 0.0)
+def _to_host(t):
+    """t on the CPU, through pinned memory from a GPU (a pageable copy is several times slower)."""
+    import torch
+
+    if not t.is_cuda:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+
+def _eigenvalues(matrices):
+    """Eigenvalues, descending, of a stack of small symmetric CPU matrices, in parallel across them:
+    LAPACK is many times faster on many small matrices one thread each than on one at a time with
+    every thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    workers = min(threads, len(matrices))
+    if workers <= 1:
+        return torch.linalg.eigvalsh(matrices).flip(-1)
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(torch.linalg.eigvalsh, matrices.chunk(workers)))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(parts).flip(-1)
+
+
+def _ranks(values) -> tuple[list[int], list[list[float]]]:
+    """For each row of cross-Gram eigenvalues (descending): the directions holding ENERGY of the
+    signal, after the noise floor (the most negative eigenvalue's magnitude) is taken off each; and
+    the top of that spectrum (at most 32 values)."""
+    import torch
+
+    floor = (-values.min(-1, keepdim=True).values).clamp_min(0)
     kept = (values - floor).clamp_min(0)
-    total = float(kept.sum())
-    rank = int((kept.cumsum(0) / total < ENERGY).sum()) + 1 if total > 0 else 0
-    return rank, [round(float(v), 8) for v in kept[kept > 0][:32]]
+    total = kept.sum(-1, keepdim=True)
+    ranks = torch.where(total[:, 0] > 0, (kept.cumsum(-1) / total < ENERGY).sum(-1) + 1, 0).tolist()
+    tops = [[round(v, 8) for v in row if v > 0] for row in kept[:, :32].tolist()]
+    return ranks, tops
 
 
 def _roles(signals: list[ModuleSignal]) -> list[RoleSignal]:
