@@ -54,10 +54,11 @@ GRAM_RTOL = 1e-14
 
 
 @contextmanager
-def _one_thread():
-    """The whole analysis is O(m·r²) work in many small calls (r×r eigh/SVD, m×r Gram products):
-    one thread does an 8B r=64 adapter in ~5 s, while OpenMP workers spinning on a busy CPU made
-    the same calls 5–100× slower in measurements."""
+def one_thread():
+    """Torch's CPU kernels on one thread while inside. The whole analysis is O(m·r²) work in many
+    small calls (r×r eigh/SVD, m×r Gram products): one thread does an 8B r=64 adapter in ~5 s, while
+    OpenMP workers spinning on a busy CPU made the same calls 5–100× slower in measurements. (The
+    probe's eigenvalues use it too, one small matrix per worker thread.)"""
     import torch
 
     threads = torch.get_num_threads()
@@ -175,7 +176,7 @@ def iter_delta_svd(weights: Sequence[AdaptedWeight], vectors: bool = True):
         return (w.out_features, w.in_features, w.r), w.experts * w.r * (w.out_features + w.in_features)
 
     for run in batches(weights, size):
-        with _one_thread():
+        with one_thread():
             factors = [w.factors() for w in run]
             u, s, v = delta_svd(torch.cat([f[0] for f in factors]), torch.cat([f[1] for f in factors]),
                                 vectors=vectors)
@@ -714,7 +715,7 @@ def _iter_overlaps(pairs):
         return (w.out_features, w.in_features, w.r, v.r), w.experts * (w.r + v.r) * (w.out_features + w.in_features)
 
     for run in batches(pairs, size):
-        with _one_thread():
+        with one_thread():
             f1 = [w.factors() for w, _ in run]
             f2 = [v.factors() for _, v in run]
             over_a, over_delta = pair_overlaps(torch.cat([f[0] for f in f1]), torch.cat([f[1] for f in f1]),

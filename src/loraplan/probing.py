@@ -884,18 +884,15 @@ def _eigenvalues(matrices):
     every thread."""
     import torch
 
-    threads = torch.get_num_threads()
-    workers = min(threads, len(matrices))
+    workers = min(torch.get_num_threads(), len(matrices))
     if workers <= 1:
         return torch.linalg.eigvalsh(matrices).flip(-1)
     from concurrent.futures import ThreadPoolExecutor
 
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(torch.linalg.eigvalsh, matrices.chunk(workers)))
-    finally:
-        torch.set_num_threads(threads)
+    from .analysis import one_thread
+
+    with one_thread(), ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(torch.linalg.eigvalsh, matrices.chunk(workers)))
     return torch.cat(parts).flip(-1)
 
 
