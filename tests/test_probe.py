@@ -181,13 +181,53 @@ def test_memory_plan_checkpoints_as_few_layers_as_fit():
     from loraplan.probing import _choose
 
     gib = 1 << 30
-    # 60 GiB usable, 40 GiB of statistics; activations 28 GiB with no layer checkpointed, 4 with all 32
-    assert _choose(60 * gib, 40 * gib, 28 * gib, 4 * gib, 32, None) == (60 * gib - int(28 * gib - 11 * 0.75 * gib), 11)
-    assert _choose(60 * gib, 20 * gib, 28 * gib, 4 * gib, 32, None) == (32 * gib, 0)  # everything fits: none
-    assert _choose(60 * gib, 58 * gib, 28 * gib, 4 * gib, 32, None) == (56 * gib, 32)  # layer groups: all
-    assert _choose(60 * gib, 40 * gib, 28 * gib, 4 * gib, 32, True) == (56 * gib, 32)
-    assert _choose(60 * gib, 40 * gib, 28 * gib, 4 * gib, 32, False) == (32 * gib, 0)
-    assert _choose(60 * gib, 40 * gib, 28 * gib, 0, 0, None) == (32 * gib, 0)  # no checkpointable layers
+    # 60 GiB usable, 40 GiB of statistics, 3 GiB of whitening temporaries (after the passes);
+    # activations 28 GiB with no layer checkpointed, 4 with all 32 (0.75 GiB a layer)
+    assert _choose(60 * gib, 40 * gib, 3 * gib, 28 * gib, 4 * gib, 32, None) == (int(28 * gib - 11 * 0.75 * gib), 11)
+    assert _choose(60 * gib, 20 * gib, 3 * gib, 28 * gib, 4 * gib, 32, None) == (28 * gib, 0)  # everything fits: none
+    assert _choose(60 * gib, 58 * gib, 1 * gib, 28 * gib, 4 * gib, 32, None) == (4 * gib, 32)  # layer groups: all
+    assert _choose(60 * gib, 54 * gib, 7 * gib, 28 * gib, 4 * gib, 32, None) == (4 * gib, 32)  # the whitening does not fit
+    assert _choose(60 * gib, 40 * gib, 3 * gib, 28 * gib, 4 * gib, 32, True) == (4 * gib, 32)
+    assert _choose(60 * gib, 40 * gib, 3 * gib, 28 * gib, 4 * gib, 32, False) == (28 * gib, 0)
+    assert _choose(60 * gib, 40 * gib, 3 * gib, 28 * gib, 0, 0, None) == (28 * gib, 0)  # no checkpointable layers
+
+
+def test_passes_hold_the_activations_or_the_whitening_not_both():
+    """A pass's statistics sit next to a batch's activations, then (activations freed) next to their
+    whitening's temporaries: the usable memory must hold the larger of the two, not their sum."""
+    from types import SimpleNamespace
+
+    from loraplan.probing import _layer_bytes, _passes, _whitening_bytes
+
+    modules = [SimpleNamespace(name=f"l{i}.{r}", role=r, layer=i, in_features=64, out_features=64)
+               for i in range(4) for r in ("q", "o")]
+    layer, whitening = _layer_bytes(modules[:2], 2), _whitening_bytes(modules)
+    assert whitening > layer
+    usable = 4 * layer + whitening
+    assert _passes(modules, usable, whitening, 2) == [modules]  # the sum would have split them
+    assert len(_passes(modules, usable, whitening + 1, 2)) == 2
+    assert len(_passes(modules, usable - 2 * layer, 0, 2)) == 2  # the whitening alone still counts
+
+
+def test_half_precision_cross_gram_adds_noise_not_bias():
+    """Folds summed in bf16 get their cross product from bf16 roundings of the whitened folds: each
+    fold's rounding is independent of the other's, so ⟨M₁, M₂⟩ = tr C moves by a small fraction of
+    the estimator's own noise, and the spectrum's 90% rank and noise floor stay put."""
+    from loraplan.probing import _cross, _ranks
+
+    torch.manual_seed(0)
+    rows, cols, planted = 700, 300, 12
+    u, v = torch.linalg.qr(torch.randn(rows, planted)).Q, torch.linalg.qr(torch.randn(cols, planted)).Q
+    signal = u @ torch.diag(1 / (1 + torch.arange(planted) / 4)) @ v.T
+    m = torch.stack([signal + 0.01 * torch.randn(rows, cols), signal + 0.01 * torch.randn(rows, cols)])
+    exact, half = _cross(m.double()), _cross(m, half=True).double()
+    assert half.dtype == torch.float64 and torch.equal(half, half.T)
+    noise = (m[0] * m[1]).double().square().sum().sqrt()  # the scale of tr C's sampling noise
+    assert abs(half.trace() - exact.trace()) < 1e-3 * noise  # (fp8 roundings: 2e-2)
+    spectra = torch.linalg.eigvalsh(torch.stack([exact, half])).flip(-1)
+    (rank_exact, rank_half), _ = _ranks(spectra)
+    assert rank_half == rank_exact
+    assert spectra[1, -1] == pytest.approx(float(spectra[0, -1]), rel=0.02)  # the noise floor
 
 
 def test_wide_factors_keep_their_diagonal(monkeypatch):
@@ -227,7 +267,7 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
         return -float(torch.linalg.eigvalsh(cross)[0])
 
     full = ((m1.T @ m2 + m2.T @ m1) / 2).double()
-    crosses = [_cross(m1, m2), _cross(m1, m2)]
+    crosses = [_cross(torch.stack([m1, m2])), _cross(torch.stack([m1, m2]))]
     ritz, again = _spectrum_matrices(crosses, {}).double()  # a batch of two: each gets the same subspace
     assert not crosses and ritz.shape == (256, 256) and torch.equal(ritz, again)
     assert torch.allclose(_eigenvalues(torch.stack([ritz, full[:256, :256]]))[0], torch.linalg.eigvalsh(ritz).flip(0))

@@ -202,11 +202,12 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     try:
         with _attention_kernels(device):
             if memory_budget is None:
-                memory_budget, recomputed = _memory_plan(net, modules, batches, pad_id, grad_bytes, layers,
-                                                         checkpointing, max_memory)
+                memory_budget, activations, recomputed = _memory_plan(net, modules, batches, pad_id, grad_bytes,
+                                                                      layers, checkpointing, max_memory)
             else:
+                activations = 0
                 recomputed = layers if checkpointing or (checkpointing is None and device.type == "cuda") else 0
-            passes = _passes(modules, memory_budget, grad_bytes)
+            passes = _passes(modules, memory_budget, activations, grad_bytes)
             with _checkpointed(net, recomputed):
                 for k, group in enumerate(passes):
                     signals.update(_probe_layers(net, by_name, group, batches, pad_id, device, fold_of,
@@ -370,28 +371,31 @@ def _whitening_bytes(group) -> int:
     layer's are built meanwhile) with one factor's float64 work (the factor or its Cholesky factor,
     the inverse and its parts: 28 bytes an entry), then one module's folds in fp32 and their
     whitened copies. The cross-Grams kept for the end of the pass (fp32, the weight's smaller side
-    squared) are smaller than the fold gradients freed as each is made."""
+    squared) are smaller than the fold gradients freed as each is made. The whitening starts once
+    the pass's batches are done: its temporaries never meet the activations."""
     widest = max((d for m in group for d in (m.in_features, m.out_features) if d <= DENSE_MAX), default=0)
     return (2 * max(_layer_bytes(members, 0) for members in _by_layer(group)) + 28 * widest ** 2
             + max(4 * 3 * FOLDS * m.in_features * m.out_features for m in group))
 
 
 def _stats_bytes(modules, grad_bytes: int) -> int:
-    return sum(_layer_bytes(group, grad_bytes) for group in _by_layer(modules)) + _whitening_bytes(modules)
+    """What a pass's statistics hold until its whitening: factors and fold gradients of every layer."""
+    return sum(_layer_bytes(group, grad_bytes) for group in _by_layer(modules))
 
 
 def _memory_plan(net, modules, batches, pad_id: int, grad_bytes: int, layers: int,
-                 checkpointing: bool | None, max_memory: int | None = None) -> tuple[int, int]:
-    """(bytes the statistics may take, how many layers to checkpoint). On a CPU: 8 GiB, and
-    checkpointing only when asked. On a GPU the activations of the longest batch are measured on one
-    of its rows (they grow with the tokens), with every layer checkpointed and with none: all the
-    statistics in one pass with as few layers recomputed as fit 90% of the free memory; if even a
-    fully checkpointed pass cannot hold them, every layer is checkpointed and layers go in groups."""
+                 checkpointing: bool | None, max_memory: int | None = None) -> tuple[int, int, int]:
+    """(bytes usable, bytes the activations take, how many layers to checkpoint). On a CPU: 8 GiB, no
+    activations counted, and checkpointing only when asked. On a GPU the activations of the longest
+    batch are measured on one of its rows (they grow with the tokens), with every layer checkpointed
+    and with none: all the statistics in one pass with as few layers recomputed as fit 90% of the
+    free memory; if even a fully checkpointed pass cannot hold them, every layer is checkpointed and
+    layers go in groups."""
     import torch
 
     device = next(net.parameters()).device
     if device.type != "cuda":
-        return 8 << 30, layers if checkpointing else 0
+        return 8 << 30, 0, layers if checkpointing else 0
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache
     usable = int(0.9 * free)
@@ -406,30 +410,32 @@ def _memory_plan(net, modules, batches, pad_id: int, grad_bytes: int, layers: in
     longest = max(batches, key=lambda mb: len(mb.input_ids) * max(map(len, mb.input_ids)))  # padded size
     if not layers:
         checkpointing = False
-    stats = _stats_bytes(modules, grad_bytes)
+    stats, whitening = _stats_bytes(modules, grad_bytes), _whitening_bytes(modules)
     full = _activations(net, longest, pad_id, 0) if checkpointing is not True else 0
-    if checkpointing is False or (checkpointing is None and usable - stats >= full):
+    if checkpointing is False or (checkpointing is None and usable - stats >= max(full, whitening)):
         lean = 0  # not needed: nothing is checkpointed (a pass of the model saved)
     else:
         lean = _activations(net, longest, pad_id, layers)
-    return _choose(usable, stats, full, lean, layers, checkpointing)
+    return (usable, *_choose(usable, stats, whitening, full, lean, layers, checkpointing))
 
 
-def _choose(usable: int, stats: int, full: int, lean: int, layers: int, checkpointing: bool | None) -> tuple[int, int]:
-    """(budget for the statistics, layers to checkpoint) from the usable memory, the statistics of one
-    pass, and the activations with no layer (`full`) and every layer (`lean`) checkpointed."""
+def _choose(usable: int, stats: int, whitening: int, full: int, lean: int, layers: int,
+            checkpointing: bool | None) -> tuple[int, int]:
+    """(bytes of activations, layers to checkpoint) from the usable memory, the statistics of one pass
+    and its whitening's temporaries (which come after the activations are freed), and the activations
+    with no layer (`full`) and every layer (`lean`) checkpointed."""
     if checkpointing is False or not layers:
-        return max(usable - full, 0), 0
+        return full, 0
     if checkpointing is True:
-        return max(usable - lean, 0), layers
+        return lean, layers
     room = usable - stats
-    if room >= full:
-        return usable - full, 0
+    if room >= max(full, whitening):
+        return full, 0
     per_layer = (full - lean) / layers
-    if room >= lean and per_layer > 0:
+    if room >= max(lean, whitening) and per_layer > 0:
         recomputed = min(layers, math.ceil((full - room) / per_layer))
-        return max(usable - int(full - recomputed * per_layer), 0), recomputed
-    return max(usable - lean, 0), layers
+        return int(full - recomputed * per_layer), recomputed
+    return lean, layers
 
 
 def _activations(net, batch, pad_id: int, checkpointed: int) -> int:
@@ -457,12 +463,13 @@ def _activations(net, batch, pad_id: int, checkpointed: int) -> int:
     return peak * len(batch.input_ids)
 
 
-def _passes(modules, budget: int, grad_bytes: int) -> list[list]:
-    """Whole layers per pass, as many as fit the budget (a layer alone always gets a pass)."""
+def _passes(modules, usable: int, activations: int, grad_bytes: int) -> list[list]:
+    """Whole layers per pass, as many as fit the usable memory next to the activations of a batch and
+    then next to their own whitening (a layer alone always gets a pass)."""
     passes, current, used = [], [], 0
     for group in _by_layer(modules):
         size = _layer_bytes(group, grad_bytes)
-        if current and used + size + _whitening_bytes(current + group) > budget:
+        if current and used + size + max(activations, _whitening_bytes(current + group)) > usable:
             passes.append(current)
             current, used = [], 0
         current.extend(group)
@@ -502,20 +509,25 @@ class _Moment:
 
 
 def _gram(x, into=None):
-    """xᵀx with fp32 sums, added in place to `into` when given: half-precision inputs multiply on the
+    """xᵀx with fp32 sums, added in place to `into` when given."""
+    return _mm32(x.T, x, into)
+
+
+def _mm32(a, b, into=None):
+    """a @ b with fp32 sums, added in place to `into` when given: half-precision inputs multiply on the
     tensor cores without an fp32 copy (the products of bf16/fp16 numbers are exact in fp32; only the
     sums round)."""
     import torch
 
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         try:
             if into is None:
-                return torch.mm(x.T, x, out_dtype=torch.float32)
-            return torch.addmm(into, x.T, x, out_dtype=torch.float32, out=into)
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.addmm(into, a, b, out_dtype=torch.float32, out=into)
         except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
             pass
-    x = x.float()
-    return x.T @ x if into is None else into.addmm_(x.T, x)
+    a, b = a.float(), b.float()
+    return a @ b if into is None else into.addmm_(a, b)
 
 
 class _SharedInputs:
@@ -611,19 +623,23 @@ class _Whitener:
         import torch
 
         self.matrix, self.n, self.columns = matrix, n, columns
-        f = matrix.to(torch.float64, copy=True).div_(max(n, 1))
         self.diagonal = self.cholesky = self.inverse = self.info = None
-        if f.dim() == 1:
-            f = f.clamp_min(0)
+        if matrix.dim() == 1:
+            f = matrix.double().div_(max(n, 1)).clamp_min_(0)
             self.diagonal = (f + _damping(f.mean())).rsqrt().float()
             return
+        # F + λI = (S + nλI)/n for the sum S of n outer products: S + nλI is factored (nλ is the same
+        # DAMPING of S's own mean eigenvalue), and √n goes into W (one float64 copy of S in all)
+        f = matrix.double()
         f.diagonal().add_(boost * _damping(f.diagonal().clamp_min(0).mean()))
-        cholesky, self.info = torch.linalg.cholesky_ex(f)
+        lower, self.info = torch.linalg.cholesky_ex(f)
         del f
-        if columns >= cholesky.shape[0]:
-            self.inverse = _lower_inverse(cholesky).float()
+        scale = math.sqrt(max(n, 1))
+        if columns >= lower.shape[0]:
+            inverse = _lower_inverse(lower)
+            self.inverse = torch.mul(inverse, scale, out=torch.empty_like(inverse, dtype=torch.float32))
         else:
-            self.cholesky = cholesky
+            self.cholesky = lower.div_(scale)
 
     def left(self, g, inplace: bool = False):
         """W · g (g may carry a leading batch dimension; `inplace`: a diagonal W may overwrite it)"""
@@ -725,34 +741,42 @@ def _lower_inverse(lower, block: int = INVERSE_BLOCK):
     by one batched triangular solve, then the inverted blocks are merged in pairs, [[A, 0], [B, C]]⁻¹
     = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]], every pair of a level by the same two batched products: a few dozen
     kernels in all, where a triangular solve of the whole runs hundreds of small ones. L is padded
-    with an identity to blocks × 2^levels (fewer than 2^levels extra rows)."""
+    with an identity to blocks × 2^levels (fewer than 2^levels extra rows). A column-major L (what
+    Cholesky returns) is inverted as the row-major upper-triangular Lᵀ that its storage holds, and
+    L⁻¹ comes back column-major, as the transpose of (Lᵀ)⁻¹: no copy either way."""
     import torch
 
     n = lower.shape[0]
     levels = math.ceil(math.log2(n / block)) if n > block else 0
     size = -(-n // (1 << levels))  # the diagonal blocks' width
     total = size << levels
-    if total == n:
-        padded = lower.contiguous()  # the views below assume row-major storage
+    upper = total == n and not lower.is_contiguous() and lower.mT.is_contiguous()
+    if upper:
+        t = lower.mT
+    elif total == n:
+        t = lower.contiguous()  # the views below assume row-major storage
     else:
-        padded = torch.eye(total, dtype=lower.dtype, device=lower.device)
-        padded[:n, :n] = lower
-    out = torch.zeros_like(padded)
+        t = torch.eye(total, dtype=lower.dtype, device=lower.device)
+        t[:n, :n] = lower
+    out = torch.zeros_like(t)
 
-    def blocks(t, width: int, below: bool, step: int):
-        """Views of t's diagonal blocks of `width` (or those just below them), every `step`-th."""
+    def blocks(x, width: int, off: bool, step: int):
+        """Views of x's diagonal blocks of `width` (`off`: the blocks beside them, below for a lower
+        x, above for an upper one), every `step`-th."""
         stride = width * (total + 1) * step
-        offset = t.storage_offset() + (width * total if below else 0)
-        return t.as_strided((total // (width * step), width, width), (stride, total, 1), offset)
+        offset = x.storage_offset() + ((width if upper else width * total) if off else 0)
+        return x.as_strided((total // (width * step), width, width), (stride, total, 1), offset)
 
     blocks(out, size, False, 1).copy_(torch.linalg.solve_triangular(
-        blocks(padded, size, False, 1), torch.eye(size, dtype=lower.dtype, device=lower.device), upper=False))
+        blocks(t, size, False, 1), torch.eye(size, dtype=lower.dtype, device=lower.device), upper=upper))
     width = size
     while width < total:
-        inverses = blocks(out, width, False, 1)
-        a, c = inverses[0::2], inverses[1::2]
-        torch.neg(c @ (blocks(padded, width, True, 2) @ a), out=blocks(out, width, True, 2))
+        inverses, beside = blocks(out, width, False, 1), blocks(t, width, True, 2)
+        a, c = inverses[0::2], inverses[1::2]  # [[A, B], [0, C]]⁻¹ has -A⁻¹BC⁻¹ above for an upper t
+        torch.neg(a @ (beside @ c) if upper else c @ (beside @ a), out=blocks(out, width, True, 2))
         width *= 2
+    if upper:
+        out = out.mT
     return out if total == n else out[:n, :n]
 
 
@@ -771,21 +795,34 @@ def _signal(info, stats: _Stats, input_whitener: _Whitener | None, output_whiten
 
     if input_whitener is None or output_whitener is None or any(f is None for f in stats.folds):
         return _Pending(info)
-    folds = torch.empty((FOLDS, *stats.folds[0].shape), dtype=torch.float32, device=stats.folds[0].device)
+    first = stats.folds[0]
+    half = first.dtype in (torch.bfloat16, torch.float16)
+    folds = torch.empty((FOLDS, *first.shape), dtype=torch.float32, device=first.device)
     for k, fold in enumerate(stats.folds):
         folds[k].copy_(fold)  # fp32, one copy
     m = input_whitener.right(output_whitener.left(folds, inplace=True), inplace=True)
-    f1, f2 = m[0].reshape(-1), m[1].reshape(-1)
-    signal = torch.dot(f1, f2)
-    naive = (torch.dot(f1, f1) + 2 * signal + torch.dot(f2, f2)) / 4  # ‖(M₁ + M₂)/2‖²
+    del folds
+    both = torch.linalg.vector_norm(m).square()  # ‖M₁‖² + ‖M₂‖²
     if m.shape[1] < m.shape[2]:  # the spectrum lives on the smaller side
         m = m.transpose(1, 2)
-    return _Pending(info, signal, naive, _cross(m[0], m[1]))
+    cross = _cross(m, half)
+    signal = cross.diagonal().sum()  # ⟨M₁, M₂⟩ = tr(M₁ᵀM₂) = tr C
+    return _Pending(info, signal, (both + 2 * signal) / 4, cross)  # naive: ‖(M₁ + M₂)/2‖²
 
 
-def _cross(m1, m2):
-    """C = (M₁ᵀM₂ + M₂ᵀM₁)/2 for tall M: one product, as small as the smaller side of the weight."""
-    x = m1.T @ m2
+def _cross(m, half: bool = False):
+    """C = (M₁ᵀM₂ + M₂ᵀM₁)/2 for the stacked tall folds m = [M₁, M₂]: one product, as small as the
+    weight's smaller side. `half`: M₁ᵀM₂ from bf16 roundings of M₁ and M₂ (tensor cores, fp32 sums),
+    for folds summed in half precision anyway. Each fold's rounding is its own, independent of the
+    other's, so it only adds to the noise that the cross product cancels (2⁻⁹ of it), and biases
+    nothing — unlike a rounding of the whitening, which both folds would share."""
+    if half:
+        import torch
+
+        m = m.to(torch.bfloat16)
+        x = _mm32(m[0].T, m[1])
+    else:
+        x = m[0].T @ m[1]
     return (x + x.T).mul_(0.5)
 
 

@@ -1,0 +1,90 @@
+"""The probe's calls on one random-init shape, and where a warm call's time goes. For A/B of two trees
+of the code on one machine (the probe's time moves by ~5% between machines, more than most changes):
+
+    PYTHONPATH=/tmp/old/src python benchmarks/probe/phases.py --shape llama-8b
+    PYTHONPATH=src          python benchmarks/probe/phases.py --shape llama-8b
+
+Prints, for a first call, two more, one capped at --cap GiB (the trial's peak: `max_memory`) and one
+more: time, peak memory, checkpointed layers; then one more call with phase timers (each phase ends
+in a GPU sync): the memory plan, the passes over the batches, the whitening, the spectra (`_finish`).
+Batches as in cost.py (8 × 8 sequences of 64–512 random tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b"}
+
+
+def main() -> None:
+    import torch
+
+    import loraplan.probing as probing
+    from loraplan.ablation.batches import training_steps
+    from loraplan.data import TokenizedExample
+    from loraplan.sources import load_model, load_structure
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama-8b", choices=list(SHAPES))
+    p.add_argument("--cap", type=float, default=63.76, help="GiB for the capped call (default: the 8B trial's peak)")
+    args = p.parse_args()
+    rng = random.Random(1)
+    examples = []
+    for _ in range(200):
+        ids = [rng.randrange(1000, 128256) for _ in range(rng.randint(64, 512))]
+        examples.append(TokenizedExample(input_ids=ids, labels=list(ids)))
+    batches = [s[0] for s in training_steps(examples, 8, 8, None, 0)]
+    net = load_model(SHAPES[args.shape], dtype="bf16", random_init=True)
+    structure = load_structure(SHAPES[args.shape])
+    modules = probing._candidates(structure, "all-linear")
+
+    def run(**kw):
+        return probing.probe_batches(net, structure, modules, batches, pad_id=0, **kw)
+
+    for call in ("first", "again", "again", "capped", "again"):
+        r = run(**({"max_memory": int(args.cap * 2**30)} if call == "capped" else {}))
+        recomputed = next((n.split(" of")[0] for n in r.notes if "recompute" in n), "0")
+        print(f"{call}: {r.seconds:.3f} s, peak {r.peak_memory_bytes / 2**30:.2f} GiB, "
+              f"{recomputed} layers checkpointed", flush=True)
+
+    marks: dict[str, float] = {}
+
+    def timed(name):
+        fn = getattr(probing, name)
+
+        def wrapper(*a, **k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            torch.cuda.synchronize()
+            marks[name] = marks.get(name, 0.0) + time.perf_counter() - t
+            return out
+        setattr(probing, name, wrapper)
+
+    timed("_memory_plan")
+    timed("_finish")
+    passes, factorizer = probing._probe_layers, probing._Factorizer.__init__
+
+    def probe_layers(*a, **k):
+        torch.cuda.synchronize()
+        marks["passes_start"] = time.perf_counter()
+        return passes(*a, **k)
+
+    def whitening_start(self, device):
+        torch.cuda.synchronize()
+        marks["whitening_start"] = time.perf_counter()
+        factorizer(self, device)
+    probing._probe_layers, probing._Factorizer.__init__ = probe_layers, whitening_start
+    t0 = time.perf_counter()
+    run()
+    end = time.perf_counter()
+    print(f"phases: total {end - t0:.2f} s; memory plan {marks['_memory_plan']:.3f}, "
+          f"passes {marks['whitening_start'] - marks['passes_start']:.2f}, "
+          f"whitening {end - marks['whitening_start'] - marks['_finish']:.2f}, spectra {marks['_finish']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
