@@ -25,12 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b"}
 
 
+def synthetic_batches(count: int = 8) -> list:
+    """`count` micro-batches of 8 sequences of 64–512 random tokens (the sweep benchmark's kind), seeded."""
+    from loraplan.ablation.batches import training_steps
+    from loraplan.data import TokenizedExample
+
+    rng = random.Random(1)
+    examples = []
+    for _ in range(200):
+        ids = [rng.randrange(1000, 128256) for _ in range(rng.randint(64, 512))]
+        examples.append(TokenizedExample(input_ids=ids, labels=list(ids)))
+    return [s[0] for s in training_steps(examples, count, 8, None, 0)]
+
+
 def main() -> None:
     import torch
 
-    from loraplan.ablation.batches import training_steps
     from loraplan.ablation.runner import package_versions
-    from loraplan.data import TokenizedExample
     from loraplan.probing import _candidates, probe_batches
     from loraplan.sources import load_model, load_structure
 
@@ -41,12 +52,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = p.parse_args()
     model = SHAPES[args.shape]
-    rng = random.Random(1)
-    examples = []
-    for _ in range(200):
-        ids = [rng.randrange(1000, 128256) for _ in range(rng.randint(64, 512))]
-        examples.append(TokenizedExample(input_ids=ids, labels=list(ids)))
-    batches = [s[0] for s in training_steps(examples, args.batches, 8, None, 0)]
+    batches = synthetic_batches(args.batches)
     t0 = time.time()
     net = load_model(model, dtype="bf16", random_init=True)
     load_s = time.time() - t0

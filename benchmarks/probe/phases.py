@@ -13,30 +13,25 @@ Batches as in cost.py (8 × 8 sequences of 64–512 random tokens).
 from __future__ import annotations
 
 import argparse
-import random
+import sys
 import time
+from pathlib import Path
 
-SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost import SHAPES, synthetic_batches  # noqa: E402  (the same shapes and batches as cost.py)
 
 
 def main() -> None:
     import torch
 
     import loraplan.probing as probing
-    from loraplan.ablation.batches import training_steps
-    from loraplan.data import TokenizedExample
     from loraplan.sources import load_model, load_structure
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-8b", choices=list(SHAPES))
     p.add_argument("--cap", type=float, default=63.76, help="GiB for the capped call (default: the 8B trial's peak)")
     args = p.parse_args()
-    rng = random.Random(1)
-    examples = []
-    for _ in range(200):
-        ids = [rng.randrange(1000, 128256) for _ in range(rng.randint(64, 512))]
-        examples.append(TokenizedExample(input_ids=ids, labels=list(ids)))
-    batches = [s[0] for s in training_steps(examples, 8, 8, None, 0)]
+    batches = synthetic_batches()
     net = load_model(SHAPES[args.shape], dtype="bf16", random_init=True)
     structure = load_structure(SHAPES[args.shape])
     modules = probing._candidates(structure, "all-linear")

@@ -509,7 +509,12 @@ class _Moment:
 
 
 def _gram(x, into=None):
-    """xᵀx with fp32 sums, added in place to `into` when given."""
+    """xᵀx with fp32 sums, added in place to `into` when given (x made fp32 once where the product
+    will not take it as it is)."""
+    import torch
+
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        x = x.float()
     return _mm32(x.T, x, into)
 
 
@@ -667,9 +672,10 @@ class _Whitener:
 
 
 class _Factorizer:
-    """Builds a layer's whiteners. On a GPU it does so on a side stream, so that one layer's
-    factorizations (float64, latency-bound) run while the previous layer's products (tensor cores)
-    do; the host then waits for that stream alone, never for the products."""
+    """Builds a layer's whiteners. On a GPU it does so on a side stream, one layer ahead, so that the
+    main stream never waits for the host between layers; the host waits for that stream alone, never
+    for the products. (The two streams share the GPU: the float64 factorizations and the products
+    take about the sum of their times together, so more factorization streams gain nothing.)"""
 
     def __init__(self, device):
         import torch
