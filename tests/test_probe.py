@@ -167,14 +167,18 @@ def test_padding_is_left_out_of_the_factors():
 @pytest.mark.parametrize("n", [1, 13, 64, 100])
 def test_triangular_inverse_by_blocks(n):
     """Every split: one block, blocks of 1, widths that need padding (13 = 4 × 4 - 3), powers of two;
-    also a column-major L (what cholesky returns on some devices)."""
+    also a column-major L (what cholesky returns on some devices), and merges in fp32."""
     from loraplan.probing import _lower_inverse
 
     torch.manual_seed(0)
     lower = torch.randn(n, n, dtype=torch.float64).tril() + 4 * torch.eye(n, dtype=torch.float64)
     for block in (1, 2, 4, 5, 16, n, 2 * n):
         for layout in (lower, lower.T.contiguous().T):
-            assert torch.allclose(_lower_inverse(layout, block) @ lower, torch.eye(n, dtype=torch.float64), atol=1e-12)
+            exact = _lower_inverse(layout, block)
+            assert torch.allclose(exact @ lower, torch.eye(n, dtype=torch.float64), atol=1e-12)
+            single = _lower_inverse(layout, block, merge=torch.float32)  # the GPU's TF32 merges, here in fp32
+            assert single.dtype == torch.float32
+            assert (single.double() - exact).abs().max() < 1e-6 * exact.abs().max()
 
 
 def test_memory_plan_checkpoints_as_few_layers_as_fit():
@@ -220,7 +224,7 @@ def test_half_precision_cross_gram_adds_noise_not_bias():
     u, v = torch.linalg.qr(torch.randn(rows, planted)).Q, torch.linalg.qr(torch.randn(cols, planted)).Q
     signal = u @ torch.diag(1 / (1 + torch.arange(planted) / 4)) @ v.T
     m = torch.stack([signal + 0.01 * torch.randn(rows, cols), signal + 0.01 * torch.randn(rows, cols)])
-    exact, half = _cross(m.double()), _cross(m, half=True).double()
+    exact, half = _cross(m[0].double(), m[1].double()), _cross(m[0].bfloat16(), m[1].bfloat16()).double()
     assert half.dtype == torch.float64 and torch.equal(half, half.T)
     noise = (m[0] * m[1]).double().square().sum().sqrt()  # the scale of tr C's sampling noise
     assert abs(half.trace() - exact.trace()) < 1e-3 * noise  # (fp8 roundings: 2e-2)
@@ -228,6 +232,51 @@ def test_half_precision_cross_gram_adds_noise_not_bias():
     (rank_exact, rank_half), _ = _ranks(spectra)
     assert rank_half == rank_exact
     assert spectra[1, -1] == pytest.approx(float(spectra[0, -1]), rel=0.02)  # the noise floor
+
+
+def test_half_precision_whitening_moves_the_metric_not_the_noise():
+    """bf16 folds are whitened by bf16 roundings of W on the tensor cores. W's rounding is shared by
+    both folds: it moves the metric, so the signal moves by well under 0.2% (10% more damping moves it
+    15%); the products' roundings are each fold's own, so pure noise stays unbiased."""
+    from types import SimpleNamespace
+
+    from loraplan.probing import _ranks, _signal
+
+    torch.manual_seed(0)
+    out, inp, n = 192, 256, 4000
+
+    def factor(dim):  # activations with channel scales over three decades and a few outliers
+        scales = torch.logspace(-2, 1, dim)
+        scales[:3] *= 30
+        x = torch.randn(n, dim) * scales
+        return x.T @ x
+
+    def symmetric(f, damping=DAMPING):  # (F + λ)^-1/2, float64
+        f = f.double() / n
+        f += damping * f.diagonal().mean() * torch.eye(f.shape[0], dtype=torch.float64)
+        values, vectors = torch.linalg.eigh(f)
+        return (vectors * values.rsqrt()) @ vectors.T
+
+    a, s = factor(inp), factor(out)
+    for strength in (1.0, 0.1, 0.0):
+        update = strength * torch.randn(out, 6) @ torch.randn(6, inp)
+        folds = [(update + torch.randn(out, inp)).bfloat16() for _ in range(2)]
+        exact = {}
+        for damping in (DAMPING, 1.1 * DAMPING):
+            m1, m2 = (symmetric(s, damping) @ f.double() @ symmetric(a, damping) for f in folds)
+            exact[damping] = float((m1 * m2).sum())
+        noise = float((m1 - m2).square().sum()) / 2
+        half = _signal(SimpleNamespace(name="x"), SimpleNamespace(folds=folds),
+                       _Whitener(a, n, 2 * out, half=True), _Whitener(s, n, 2 * inp, half=True))
+        full = _signal(SimpleNamespace(name="x"), SimpleNamespace(folds=[f.float() for f in folds]),
+                       _Whitener(a, n, 2 * out), _Whitener(s, n, 2 * inp))
+        assert half.cross.dtype == torch.float32 and half.cross.shape == (out, out)
+        assert abs(float(half.signal) - exact[DAMPING]) < 2e-3 * abs(exact[DAMPING]) + 1e-4 * noise
+        if strength:
+            assert abs(exact[1.1 * DAMPING] / exact[DAMPING] - 1) > 0.1
+        spectra = torch.linalg.eigvalsh(torch.stack([full.cross, half.cross]).double()).flip(-1)
+        ranks, _ = _ranks(spectra)
+        assert ranks[0] == ranks[1]
 
 
 def test_wide_factors_keep_their_diagonal(monkeypatch):
@@ -267,7 +316,7 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
         return -float(torch.linalg.eigvalsh(cross)[0])
 
     full = ((m1.T @ m2 + m2.T @ m1) / 2).double()
-    crosses = [_cross(torch.stack([m1, m2])), _cross(torch.stack([m1, m2]))]
+    crosses = [_cross(m1, m2), _cross(m1, m2)]
     ritz, again = _spectrum_matrices(crosses, {}).double()  # a batch of two: each gets the same subspace
     assert not crosses and ritz.shape == (256, 256) and torch.equal(ritz, again)
     assert torch.allclose(_eigenvalues(torch.stack([ritz, full[:256, :256]]))[0], torch.linalg.eigvalsh(ritz).flip(0))

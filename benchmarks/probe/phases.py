@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import loraplan.probing  # noqa: F401  (the tree on PYTHONPATH, before cost.py puts this checkout's src first)
+except ImportError:
+    pass
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cost import SHAPES, synthetic_batches  # noqa: E402  (the same shapes and batches as cost.py)
 
@@ -35,6 +39,7 @@ def main() -> None:
     net = load_model(SHAPES[args.shape], dtype="bf16", random_init=True)
     structure = load_structure(SHAPES[args.shape])
     modules = probing._candidates(structure, "all-linear")
+    print(f"probing.py: {probing.__file__}", flush=True)
 
     def run(**kw):
         return probing.probe_batches(net, structure, modules, batches, pad_id=0, **kw)
@@ -68,10 +73,10 @@ def main() -> None:
         marks["passes_start"] = time.perf_counter()
         return passes(*a, **k)
 
-    def whitening_start(self, device):
+    def whitening_start(self, *args):
         torch.cuda.synchronize()
         marks["whitening_start"] = time.perf_counter()
-        factorizer(self, device)
+        factorizer(self, *args)
     probing._probe_layers, probing._Factorizer.__init__ = probe_layers, whitening_start
     t0 = time.perf_counter()
     run()

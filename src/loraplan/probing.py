@@ -27,9 +27,11 @@ Cost: one forward/backward per batch (per layer group when the statistics do not
 on a GPU, as few layers recomputed in the backward pass as the memory left requires). Factors are
 sums over the real tokens (padding excluded), from half-precision products with fp32 sums on a GPU.
 Modules reading the same input (q/k/v, gate/up) share one input factor; whitening uses the inverse
-Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩); factors wider than DENSE_MAX keep only
-their diagonal — a per-channel whitening, which is not equivalent and is not what the planted tasks
-validate; each fold's gradient is summed by autograd in the weights' dtype. Nothing waits on the GPU
+Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩), inverted with TF32 products on a GPU;
+factors wider than DENSE_MAX keep only their diagonal — a per-channel whitening, which is not
+equivalent and is not what the planted tasks validate (there, whitening the MLP's hidden side by its
+diagonal raised down_proj's share by 9-19 points); each fold's gradient is summed by autograd in the
+weights' dtype, and bf16/fp16 folds are whitened by bf16 products (W rounded once: ‖W F Wᵀ - I‖ ~ 1e-2). Nothing waits on the GPU
 inside a layer: a layer's factorizations run on a side stream while the previous layer's products
 do. The Ritz steps of every C of the same width run batched at the end of a pass, and their
 eigenvalues are taken on the CPU by a pool of threads.
@@ -276,7 +278,8 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
         return list(wanted.values())
 
     layers = _by_layer(group)
-    factorizer = _Factorizer(device)
+    half = by_name[group[0].name].weight.element_size() == 2  # bf16/fp16 weights: folds summed in it
+    factorizer = _Factorizer(device, half)
     pending = []
     ticket = factorizer.start(factors(layers[0]))
     for k, members in enumerate(layers):
@@ -519,19 +522,20 @@ def _gram(x, into=None):
 
 
 def _mm32(a, b, into=None):
-    """a @ b with fp32 sums, added in place to `into` when given: half-precision inputs multiply on the
-    tensor cores without an fp32 copy (the products of bf16/fp16 numbers are exact in fp32; only the
-    sums round)."""
+    """a @ b with fp32 sums (in a's precision when that is wider), added in place to `into` when
+    given: half-precision inputs multiply on the tensor cores without an fp32 copy (the products of
+    bf16/fp16 numbers are exact in fp32; only the sums round)."""
     import torch
 
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        try:
-            if into is None:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            return torch.addmm(into, a, b, out_dtype=torch.float32, out=into)
-        except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
-            pass
-    a, b = a.float(), b.float()
+    if a.dtype in (torch.bfloat16, torch.float16):
+        if a.is_cuda:
+            try:
+                if into is None:
+                    return torch.mm(a, b, out_dtype=torch.float32)
+                return torch.addmm(into, a, b, out_dtype=torch.float32, out=into)
+            except (TypeError, RuntimeError):  # torch < 2.8: no out_dtype
+                pass
+        a, b = a.float(), b.float()
     return a @ b if into is None else into.addmm_(a, b)
 
 
@@ -618,16 +622,18 @@ class _Whitener:
     W = L⁻¹ for the Cholesky factor L of a full F (float64), (diag F + λ)^-1/2 for a diagonal one.
     Any such W gives the same ⟨M₁, M₂⟩ and the same distribution of sketched spectra as the symmetric
     F^-1/2 — they differ by a rotation — and a Cholesky factor is many times cheaper than an
-    eigendecomposition. Applied to `columns` vectors in all, it is inverted once and applied as a
-    TF32 product when they are at least as many as its width (q/k/v's shared input, a narrow output
-    of a wide module), or else applied by a float64 triangular solve (fewer flops than inverting).
+    eigendecomposition. Applied to `columns` vectors in all, it is inverted once (n³/3 float64 flops)
+    and applied as a tensor-core product when they are at least a third of its width, or else applied
+    by a float64 triangular solve (n² flops a vector). `half`: the inverse is kept in bf16, for
+    half-precision gradients — W rounded once, shared by both folds: the metric F moves by the
+    rounding (2⁻⁹ of W), not the noise, so ⟨M₁, M₂⟩ stays an unbiased estimate for it.
     The factorization is not waited for: `info` says (later, see _repair) whether F + λI was
     positive definite in float64 rounding; `boost` multiplies λ for a second try."""
 
-    def __init__(self, matrix, n: int, columns: int = 0, boost: float = 1.0):
+    def __init__(self, matrix, n: int, columns: int = 0, boost: float = 1.0, half: bool = False):
         import torch
 
-        self.matrix, self.n, self.columns = matrix, n, columns
+        self.matrix, self.n, self.columns, self.half = matrix, n, columns, half
         self.diagonal = self.cholesky = self.inverse = self.info = None
         if matrix.dim() == 1:
             f = matrix.double().div_(max(n, 1)).clamp_min_(0)
@@ -640,27 +646,36 @@ class _Whitener:
         lower, self.info = torch.linalg.cholesky_ex(f)
         del f
         scale = math.sqrt(max(n, 1))
-        if columns >= lower.shape[0]:
-            inverse = _lower_inverse(lower)
-            self.inverse = torch.mul(inverse, scale, out=torch.empty_like(inverse, dtype=torch.float32))
+        if 3 * columns >= lower.shape[0]:
+            # on a GPU the merges run in TF32: ‖W F Wᵀ - I‖ ~ 3e-4, 25× below what rounding W to bf16 does
+            inverse = _lower_inverse(lower, merge=torch.float32 if lower.is_cuda else None)
+            dtype = torch.bfloat16 if half else torch.float32
+            self.inverse = torch.mul(inverse, scale, out=torch.empty_like(inverse, dtype=dtype))
         else:
             self.cholesky = lower.div_(scale)
 
     def left(self, g, inplace: bool = False):
-        """W · g (g may carry a leading batch dimension; `inplace`: a diagonal W may overwrite it)"""
+        """W · g (`inplace`: a diagonal W may overwrite g). A bf16 inverse takes g in bf16 (rounded
+        here if it is not) and gives fp32 sums."""
         import torch
 
         if self.diagonal is not None:
             return g.mul_(self.diagonal[:, None]) if inplace else self.diagonal[:, None] * g
         if self.inverse is not None:
+            if self.inverse.dtype == torch.bfloat16:
+                return _mm32(self.inverse, g.to(torch.bfloat16))
             return self.inverse @ g
         return torch.linalg.solve_triangular(self.cholesky, g.double(), upper=False).float()
 
     def right(self, g, inplace: bool = False):
         """g · Wᵀ"""
+        import torch
+
         if self.diagonal is not None:
             return g.mul_(self.diagonal) if inplace else g * self.diagonal
         if self.inverse is not None:
+            if self.inverse.dtype == torch.bfloat16:
+                return _mm32(g.to(torch.bfloat16), self.inverse.T)
             return g @ self.inverse.T  # contiguous, as g is
         return self.left(g.transpose(-1, -2)).transpose(-1, -2)
 
@@ -677,10 +692,10 @@ class _Factorizer:
     for the products. (The two streams share the GPU: the float64 factorizations and the products
     take about the sum of their times together, so more factorization streams gain nothing.)"""
 
-    def __init__(self, device):
+    def __init__(self, device, half: bool = False):
         import torch
 
-        self.stream = None
+        self.stream, self.half = None, half
         if device.type == "cuda":
             self.main = torch.cuda.current_stream(device)
             self.stream = torch.cuda.Stream(device)
@@ -691,7 +706,8 @@ class _Factorizer:
         import torch
 
         def build() -> dict:
-            return {id(moment): _Whitener(moment.matrix, moment.n, columns) for moment, columns in factors}
+            return {id(moment): _Whitener(moment.matrix, moment.n, columns, half=self.half)
+                    for moment, columns in factors}
 
         if self.stream is None:
             return build(), None, None
@@ -736,20 +752,22 @@ def _repair(whiteners: dict, infos: list[int] | None = None) -> None:
         infos = torch.stack([w.info for _, w in dense]).tolist()
     for (key, w), failed in zip(dense, infos, strict=True):
         if failed:
-            again = _Whitener(w.matrix, w.n, w.columns, boost=11.0)
+            again = _Whitener(w.matrix, w.n, w.columns, boost=11.0, half=w.half)
             if int(again.info):
                 raise RuntimeError(f"a probe factor is not positive definite even damped (width {w.matrix.shape[0]})")
             whiteners[key] = again
 
 
-def _lower_inverse(lower, block: int = INVERSE_BLOCK):
+def _lower_inverse(lower, block: int = INVERSE_BLOCK, merge=None):
     """L⁻¹ of a lower-triangular L, bottom up: the diagonal blocks (at most `block` wide) are inverted
     by one batched triangular solve, then the inverted blocks are merged in pairs, [[A, 0], [B, C]]⁻¹
     = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]], every pair of a level by the same two batched products: a few dozen
-    kernels in all, where a triangular solve of the whole runs hundreds of small ones. L is padded
-    with an identity to blocks × 2^levels (fewer than 2^levels extra rows). A column-major L (what
-    Cholesky returns) is inverted as the row-major upper-triangular Lᵀ that its storage holds, and
-    L⁻¹ comes back column-major, as the transpose of (Lᵀ)⁻¹: no copy either way."""
+    kernels in all, where a triangular solve of the whole runs hundreds of small ones. `merge`: the
+    dtype of the merges' products and of the result (default L's); the diagonal blocks are always
+    inverted in L's. L is padded with an identity to blocks × 2^levels (fewer than 2^levels extra
+    rows). A column-major L (what Cholesky returns) is inverted as the row-major upper-triangular Lᵀ
+    that its storage holds, and L⁻¹ comes back column-major, as the transpose of (Lᵀ)⁻¹: no copy
+    either way."""
     import torch
 
     n = lower.shape[0]
@@ -764,7 +782,7 @@ def _lower_inverse(lower, block: int = INVERSE_BLOCK):
     else:
         t = torch.eye(total, dtype=lower.dtype, device=lower.device)
         t[:n, :n] = lower
-    out = torch.zeros_like(t)
+    out = torch.zeros_like(t, dtype=merge or t.dtype)
 
     def blocks(x, width: int, off: bool, step: int):
         """Views of x's diagonal blocks of `width` (`off`: the blocks beside them, below for a lower
@@ -775,6 +793,7 @@ def _lower_inverse(lower, block: int = INVERSE_BLOCK):
 
     blocks(out, size, False, 1).copy_(torch.linalg.solve_triangular(
         blocks(t, size, False, 1), torch.eye(size, dtype=lower.dtype, device=lower.device), upper=upper))
+    t = t.to(out.dtype)  # a copy only when the merges are in another dtype
     width = size
     while width < total:
         inverses, beside = blocks(out, width, False, 1), blocks(t, width, True, 2)
@@ -797,38 +816,40 @@ class _Pending:
 
 
 def _signal(info, stats: _Stats, input_whitener: _Whitener | None, output_whitener: _Whitener | None) -> _Pending:
+    """M = W_S · G · W_Aᵀ for both folds at once, laid out (out, FOLDS, in): the output side whitens
+    an (out × FOLDS·in) matrix and the input side a (FOLDS·out × in) one, two plain products. Folds
+    summed in half precision are whitened in bf16 on the tensor cores (fp32 sums): each product's
+    rounding belongs to one fold, like the folds' own, and only adds noise that the cross product
+    cancels; the whitening matrices are rounded once (see _Whitener)."""
     import torch
 
     if input_whitener is None or output_whitener is None or any(f is None for f in stats.folds):
         return _Pending(info)
-    first = stats.folds[0]
-    half = first.dtype in (torch.bfloat16, torch.float16)
-    folds = torch.empty((FOLDS, *first.shape), dtype=torch.float32, device=first.device)
-    for k, fold in enumerate(stats.folds):
-        folds[k].copy_(fold)  # fp32, one copy
-    m = input_whitener.right(output_whitener.left(folds, inplace=True), inplace=True)
-    del folds
-    both = torch.linalg.vector_norm(m).square()  # ‖M₁‖² + ‖M₂‖²
-    if m.shape[1] < m.shape[2]:  # the spectrum lives on the smaller side
-        m = m.transpose(1, 2)
-    cross = _cross(m, half)
+    out, inp = stats.folds[0].shape
+    half = stats.folds[0].dtype in (torch.bfloat16, torch.float16)
+    m = torch.stack(stats.folds, dim=1)  # one copy, in the folds' precision
+    m = m.to(torch.bfloat16) if half else m.float()
+    m = output_whitener.left(m.view(out, FOLDS * inp), inplace=True)
+    if half:
+        m = m.to(torch.bfloat16)
+    m = input_whitener.right(m.view(out * FOLDS, inp), inplace=True).view(out, FOLDS, inp)
+    both = torch.linalg.vector_norm(m, dtype=torch.float32).square()  # ‖M₁‖² + ‖M₂‖²
+    if half:
+        m = m.to(torch.bfloat16)
+    m1, m2 = m[:, 0], m[:, 1]
+    if out < inp:  # the spectrum lives on the smaller side
+        m1, m2 = m1.T, m2.T
+    cross = _cross(m1, m2)
+    del m, m1, m2
     signal = cross.diagonal().sum()  # ⟨M₁, M₂⟩ = tr(M₁ᵀM₂) = tr C
     return _Pending(info, signal, (both + 2 * signal) / 4, cross)  # naive: ‖(M₁ + M₂)/2‖²
 
 
-def _cross(m, half: bool = False):
-    """C = (M₁ᵀM₂ + M₂ᵀM₁)/2 for the stacked tall folds m = [M₁, M₂]: one product, as small as the
-    weight's smaller side. `half`: M₁ᵀM₂ from bf16 roundings of M₁ and M₂ (tensor cores, fp32 sums),
-    for folds summed in half precision anyway. Each fold's rounding is its own, independent of the
-    other's, so it only adds to the noise that the cross product cancels (2⁻⁹ of it), and biases
-    nothing — unlike a rounding of the whitening, which both folds would share."""
-    if half:
-        import torch
-
-        m = m.to(torch.bfloat16)
-        x = _mm32(m[0].T, m[1])
-    else:
-        x = m[0].T @ m[1]
+def _cross(m1, m2):
+    """C = (M₁ᵀM₂ + M₂ᵀM₁)/2 for the tall folds M₁, M₂: one product, as small as the weight's smaller
+    side, with fp32 sums. bf16 folds multiply on the tensor cores: rounded whitened folds (see
+    _signal) add only noise, each fold's own, which the cross product cancels, and bias nothing."""
+    x = _mm32(m1.T, m2)
     return (x + x.T).mul_(0.5)
 
 
