@@ -317,7 +317,7 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
 
     full = ((m1.T @ m2 + m2.T @ m1) / 2).double()
     crosses = [_cross(m1, m2), _cross(m1, m2)]
-    ritz, again = _spectrum_matrices(crosses, {}).double()  # a batch of two: each gets the same subspace
+    ritz, again = torch.cat(list(_spectrum_matrices(crosses, {}))).double()  # two: each gets the same subspace
     assert not crosses and ritz.shape == (256, 256) and torch.equal(ritz, again)
     assert torch.allclose(_eigenvalues(torch.stack([ritz, full[:256, :256]]))[0], torch.linalg.eigvalsh(ritz).flip(0))
     exact = rank(full)

@@ -854,19 +854,21 @@ def _cross(m1, m2):
 
 
 def _spectrum_matrices(crosses: list, sketches: dict):
-    """Matrices whose eigenvalues are those of the cross-Grams C (n × n, the same n for all),
-    stacked: C itself up to EXACT_MAX columns, else QᵀCQ for an orthonormal Q whose first SKETCH
+    """Matrices whose eigenvalues are those of the cross-Grams C (n × n, the same n for all), in
+    stacked chunks: C itself up to EXACT_MAX columns, else QᵀCQ for an orthonormal Q whose first SKETCH
     columns span C's dominant eigenvectors (subspace iteration, POWER power steps) and whose
     KRYLOV_STEPS blocks of KRYLOV_BLOCK columns extend it by a block Krylov space [CΩ, C²Ω, …] (the
     spectrum's ends, the noise floor's edge among them). The Ritz steps run on a batch of C at once,
-    RITZ_BYTES of them at a time; `crosses` is emptied as they go (each C is freed once used)."""
+    RITZ_BYTES of them at a time, each batch yielded as it is enqueued; `crosses` is emptied as they go
+    (each C is freed once used)."""
     import torch
 
     n, top = crosses[0].shape[0], SKETCH + KRYLOV_BLOCK * KRYLOV_STEPS
     if n <= EXACT_MAX or n <= top:
         out = torch.stack(crosses)
         crosses.clear()
-        return out
+        yield out
+        return
     device, dtype = crosses[0].device, crosses[0].dtype
     key = (n, device, dtype)
     if key not in sketches:  # one Gaussian start per width, the same for every module
@@ -874,7 +876,6 @@ def _spectrum_matrices(crosses: list, sketches: dict):
         sketches[key] = torch.randn(n, SKETCH + KRYLOV_BLOCK, generator=generator, device=device, dtype=dtype)
     start = sketches[key]
     chunk = max(1, RITZ_BYTES // (4 * n * (n + 5 * top)))  # the Cs and their Ritz work
-    out = []
     while crosses:
         c = torch.stack(crosses[:chunk])
         del crosses[:chunk]
@@ -891,8 +892,7 @@ def _spectrum_matrices(crosses: list, sketches: dict):
             z = q[..., end - KRYLOV_BLOCK:end] = _orthonormal(z)
         ritz = q.transpose(1, 2) @ (c @ q)
         del c
-        out.append((ritz + ritz.transpose(1, 2)) / 2)
-    return torch.cat(out)
+        yield (ritz + ritz.transpose(1, 2)) / 2
 
 
 def _orthonormal(y):
@@ -911,7 +911,7 @@ def _orthonormal(y):
 
 def _finish(pending: list[_Pending]) -> dict[str, ModuleSignal]:
     """Brings a pass's results back at once: the spectra's matrices batched by size, their
-    eigenvalues on the CPU."""
+    eigenvalues on the CPU (on a GPU, while the next batch's Ritz steps run)."""
     import torch
 
     out = {p.info.name: ModuleSignal(p.info.name, p.info.role, p.info.layer, 0.0, 0.0, 0, [])
@@ -921,25 +921,70 @@ def _finish(pending: list[_Pending]) -> dict[str, ModuleSignal]:
         return out
     scalars = torch.stack([torch.stack([p.signal, p.naive]) for p in live]).double().cpu().tolist()
     spectra, sketches, sizes = {}, {}, [p.cross.shape[0] for p in live]
-    for size in dict.fromkeys(sizes):
-        same = [i for i, n in enumerate(sizes) if n == size]
-        crosses = [live[i].cross for i in same]
-        for i in same:
-            live[i].cross = None
-        values = _eigenvalues(_to_host(_spectrum_matrices(crosses, sketches)).double())
-        spectra.update(zip(same, zip(*_ranks(values), strict=True), strict=True))
+    with _Eigenvalues() as eigenvalues:
+        for size in dict.fromkeys(sizes):
+            same = [i for i, n in enumerate(sizes) if n == size]
+            crosses = [live[i].cross for i in same]
+            for i in same:
+                live[i].cross = None
+            for matrices in _spectrum_matrices(crosses, sketches):
+                eigenvalues.add(same[:len(matrices)], matrices)
+                del same[:len(matrices)]
+        for index, values in eigenvalues.results():
+            spectra.update(zip(index, zip(*_ranks(values), strict=True), strict=True))
     for i, p in enumerate(live):
         out[p.info.name] = ModuleSignal(p.info.name, p.info.role, p.info.layer, *scalars[i], *spectra[i])
     return out
 
 
-def _to_host(t):
-    """t on the CPU, through pinned memory from a GPU (a pageable copy is several times slower)."""
-    import torch
+class _Eigenvalues:
+    """Eigenvalues, descending, of stacks of small symmetric matrices, labelled by an index list each.
+    From a GPU, each stack is copied to pinned memory without waiting and its matrices go to a pool of
+    CPU threads, one matrix per task (LAPACK is many times faster on many small matrices one thread
+    each than on one at a time with every thread), which waits for the copy: the GPU goes on with the
+    next stack meanwhile. CPU stacks are decomposed at the end, each by every thread (the Ritz steps
+    that made them wanted every thread too)."""
 
-    if not t.is_cuda:
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    def __enter__(self):
+        import torch
+
+        self.parts, self.pool, self.threads = [], None, torch.get_num_threads()
+        self.quiet = contextlib.ExitStack()
+        return self
+
+    def add(self, index: list, matrices) -> None:
+        import torch
+
+        if not matrices.is_cuda:
+            self.parts.append((index, matrices))
+            return
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from .analysis import one_thread
+
+            self.quiet.enter_context(one_thread())
+            self.pool = self.quiet.enter_context(ThreadPoolExecutor(max(1, self.threads)))
+        host = torch.empty(matrices.shape, dtype=matrices.dtype, pin_memory=True)
+        host.copy_(matrices, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def decompose(k: int):
+            copied.synchronize()
+            return torch.linalg.eigvalsh(host[k:k + 1].double()).flip(-1)
+
+        self.parts.extend(([i], self.pool.submit(decompose, k)) for k, i in enumerate(index))
+
+    def results(self):
+        """(index, eigenvalues) pairs, in the order added."""
+        import torch
+
+        for index, part in self.parts:
+            yield index, _eigenvalues(part.double()) if isinstance(part, torch.Tensor) else part.result()
+
+    def __exit__(self, *exc):
+        self.quiet.close()
 
 
 def _eigenvalues(matrices):
