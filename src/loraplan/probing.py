@@ -30,7 +30,7 @@ Modules reading the same input (q/k/v, gate/up) share one input factor; whitenin
 Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩), inverted with TF32 products on a GPU;
 factors wider than DENSE_MAX keep only their diagonal — a per-channel whitening, which is not
 equivalent and is not what the planted tasks validate (there, whitening the MLP's hidden side by its
-diagonal raised down_proj's share by 9-19 points); each fold's gradient is summed by autograd in the
+diagonal raised down_proj's share by 7-19 points); each fold's gradient is summed by autograd in the
 weights' dtype, and bf16/fp16 folds are whitened by bf16 products (W rounded once: ‖W F Wᵀ - I‖ ~ 1e-2). Nothing waits on the GPU
 inside a layer: a layer's factorizations run on a side stream while the previous layer's products
 do. The Ritz steps of every C of the same width run batched at the end of a pass, and their
