@@ -300,7 +300,7 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
     one and the noise floor (the most negative eigenvalue) within 5%, also when C has far fewer
     directions than the space has columns. A plain Gaussian compression ΩᵀCΩ (64 columns) reads the
     40-direction case as about 60% of its rank."""
-    from loraplan.probing import EXACT_MAX, _cross, _eigenvalues, _ranks, _spectrum_matrices
+    from loraplan.probing import EXACT_MAX, _cross, _Eigenvalues, _ranks, _spectrum_matrices
 
     torch.manual_seed(0)
     rows, cols = 900, 600
@@ -319,7 +319,11 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
     crosses = [_cross(m1, m2), _cross(m1, m2)]
     ritz, again = torch.cat(list(_spectrum_matrices(crosses, {}))).double()  # two: each gets the same subspace
     assert not crosses and ritz.shape == (256, 256) and torch.equal(ritz, again)
-    assert torch.allclose(_eigenvalues(torch.stack([ritz, full[:256, :256]]))[0], torch.linalg.eigvalsh(ritz).flip(0))
+    with _Eigenvalues() as eigenvalues:
+        eigenvalues.add([0, 1], torch.stack([ritz, full[:256, :256]]))
+        (index, values), = eigenvalues.results()
+    assert index == [0, 1]
+    assert torch.allclose(values[0], torch.linalg.eigvalsh(ritz).flip(0))
     exact = rank(full)
     assert abs(rank(ritz) - exact) <= 1
     assert floor(ritz) == pytest.approx(floor(full), rel=0.05)

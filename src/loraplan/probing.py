@@ -31,9 +31,9 @@ Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩), inverted wit
 factors wider than DENSE_MAX keep only their diagonal — a per-channel whitening, which is not
 equivalent and is not what the planted tasks validate (there, whitening the MLP's hidden side by its
 diagonal raised down_proj's share by 7-19 points); each fold's gradient is summed by autograd in the
-weights' dtype, and bf16/fp16 folds are whitened by bf16 products (W rounded once: ‖W F Wᵀ - I‖ ~ 1e-2). Nothing waits on the GPU
-inside a layer: a layer's factorizations run on a side stream while the previous layer's products
-do. The Ritz steps of every C of the same width run batched at the end of a pass, and their
+weights' dtype, and bf16/fp16 folds are whitened by bf16 products (W rounded once: ‖W F Wᵀ - I‖ ~
+1e-2). Nothing waits on the GPU inside a layer: a layer's factorizations run on a side stream while
+the previous layer's products do. The Ritz steps of every C of the same width run batched at the end of a pass, and their
 eigenvalues are taken on the CPU by a pool of threads.
 
 Validated on planted tasks and one real-data task (benchmarks/probe/RESULTS.md), including where it
@@ -662,7 +662,7 @@ class _Whitener:
         if self.diagonal is not None:
             return g.mul_(self.diagonal[:, None]) if inplace else self.diagonal[:, None] * g
         if self.inverse is not None:
-            if self.inverse.dtype == torch.bfloat16:
+            if self.half:
                 return _mm32(self.inverse, g.to(torch.bfloat16))
             return self.inverse @ g
         return torch.linalg.solve_triangular(self.cholesky, g.double(), upper=False).float()
@@ -674,7 +674,7 @@ class _Whitener:
         if self.diagonal is not None:
             return g.mul_(self.diagonal) if inplace else g * self.diagonal
         if self.inverse is not None:
-            if self.inverse.dtype == torch.bfloat16:
+            if self.half:
                 return _mm32(g.to(torch.bfloat16), self.inverse.T)
             return g @ self.inverse.T  # contiguous, as g is
         return self.left(g.transpose(-1, -2)).transpose(-1, -2)
@@ -938,12 +938,12 @@ def _finish(pending: list[_Pending]) -> dict[str, ModuleSignal]:
 
 
 class _Eigenvalues:
-    """Eigenvalues, descending, of stacks of small symmetric matrices, labelled by an index list each.
-    From a GPU, each stack is copied to pinned memory without waiting and its matrices go to a pool of
-    CPU threads, one matrix per task (LAPACK is many times faster on many small matrices one thread
-    each than on one at a time with every thread), which waits for the copy: the GPU goes on with the
-    next stack meanwhile. CPU stacks are decomposed at the end, each by every thread (the Ritz steps
-    that made them wanted every thread too)."""
+    """Eigenvalues, descending, of stacks of small symmetric matrices, labelled by an index list each,
+    from a pool of CPU threads with one LAPACK thread each (many times faster on many small matrices
+    than one at a time with every thread). From a GPU, each stack is copied to pinned memory without
+    waiting and its matrices become tasks, one each, that wait for the copy: the GPU goes on with the
+    next stack meanwhile. CPU stacks are decomposed at the end (the Ritz steps that made them wanted
+    every thread, which the pool's one-thread setting would take away)."""
 
     def __enter__(self):
         import torch
@@ -952,12 +952,7 @@ class _Eigenvalues:
         self.quiet = contextlib.ExitStack()
         return self
 
-    def add(self, index: list, matrices) -> None:
-        import torch
-
-        if not matrices.is_cuda:
-            self.parts.append((index, matrices))
-            return
+    def _open(self):
         if self.pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -965,6 +960,15 @@ class _Eigenvalues:
 
             self.quiet.enter_context(one_thread())
             self.pool = self.quiet.enter_context(ThreadPoolExecutor(max(1, self.threads)))
+        return self.pool
+
+    def add(self, index: list, matrices) -> None:
+        import torch
+
+        if not matrices.is_cuda:
+            self.parts.append((index, matrices))
+            return
+        pool = self._open()
         host = torch.empty(matrices.shape, dtype=matrices.dtype, pin_memory=True)
         host.copy_(matrices, non_blocking=True)
         copied = torch.cuda.Event()
@@ -974,35 +978,21 @@ class _Eigenvalues:
             copied.synchronize()
             return torch.linalg.eigvalsh(host[k:k + 1].double()).flip(-1)
 
-        self.parts.extend(([i], self.pool.submit(decompose, k)) for k, i in enumerate(index))
+        self.parts.extend(([i], pool.submit(decompose, k)) for k, i in enumerate(index))
 
     def results(self):
         """(index, eigenvalues) pairs, in the order added."""
         import torch
 
         for index, part in self.parts:
-            yield index, _eigenvalues(part.double()) if isinstance(part, torch.Tensor) else part.result()
+            if isinstance(part, torch.Tensor):
+                chunks = part.double().chunk(min(self.threads, len(part)))
+                yield index, torch.cat(list(self._open().map(torch.linalg.eigvalsh, chunks))).flip(-1)
+            else:
+                yield index, part.result()
 
     def __exit__(self, *exc):
         self.quiet.close()
-
-
-def _eigenvalues(matrices):
-    """Eigenvalues, descending, of a stack of small symmetric CPU matrices, in parallel across them:
-    LAPACK is many times faster on many small matrices one thread each than on one at a time with
-    every thread."""
-    import torch
-
-    workers = min(torch.get_num_threads(), len(matrices))
-    if workers <= 1:
-        return torch.linalg.eigvalsh(matrices).flip(-1)
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .analysis import one_thread
-
-    with one_thread(), ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(torch.linalg.eigvalsh, matrices.chunk(workers)))
-    return torch.cat(parts).flip(-1)
 
 
 def _ranks(values) -> tuple[list[int], list[list[float]]]:
