@@ -2,6 +2,7 @@
 the raw gradient points at attention), estimates its rank, and its plan feeds a sweep."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -79,20 +80,26 @@ def test_whitener_gives_the_symmetric_inverse_square_roots_energy_and_cross_term
     assert torch.allclose(diagonal.right(g1).double(), g1.double() / (d + DAMPING * d.mean()).sqrt(), rtol=1e-5)
 
 
-def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys):
+def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys, monkeypatch):
+    import os
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     out = tmp_path / "probe.json"
     code = main(["probe", str(mlp_task.base), "--data", str(mlp_task.train), "--batches", "4", "--batch-size", "16",
                  "--max-length", "64", "--out", str(out), "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and data["plan"]["targets"] and json.loads(out.read_text())["roles"] == data["roles"]
     assert set(data["importance"]) == {r["role"] for r in data["roles"]}
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # set before CUDA starts
     code = main(["sweep", str(mlp_task.base), "--data", str(mlp_task.train), "--out", str(tmp_path / "s"),
                  "--from-probe", str(out), "--dry-run"])
     listing = capsys.readouterr().out
     r = data["plan"]["r"]
     assert code == 0 and f"all-linear_r{r}" in listing and f"all-linear_r{2 * r}" in listing
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's own setting wins
     code = main(["probe", str(mlp_task.base), "--data", str(mlp_task.train), "--batches", "3"])
     assert code == 2 and "at least 4" in capsys.readouterr().err
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
 
 
 def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_unchanged(mlp_task):
@@ -141,6 +148,102 @@ def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_un
         st.detach()
     assert stats[0].input is stats[1].input is stats[2].input and stats[0].input.n == 2 * 10
     assert torch.allclose(stats[0].input.matrix, 2 * x.reshape(10, -1).T @ x.reshape(10, -1), atol=1e-4)
+
+
+def test_running_out_of_memory_probes_again_leaner_and_keeps_finished_passes(mlp_task, monkeypatch):
+    """An out-of-memory error mid-probe (a fragmented allocator cache, activations underestimated)
+    costs a retry planning for less memory, not the run: finished passes are kept, the result is the
+    same, a note says so. Out of memory on the last try (every layer recomputed): one clear error."""
+    from loraplan import probing
+    from loraplan.ablation.batches import training_steps
+    from loraplan.data import load_data
+    from loraplan.errors import UsageError
+    from loraplan.sources import load_model, load_structure, load_tokenizer
+
+    model = load_model(str(mlp_task.base), dtype="fp32", device="cpu")
+    tokenizer = load_tokenizer(str(mlp_task.base))
+    structure = load_structure(str(mlp_task.base))
+    modules = probing._candidates(structure, "all-linear")
+    batches = [s[0] for s in training_steps(load_data(str(mlp_task.train), tokenizer, max_length=64).train,
+                                            4, 16, None, 0)]
+    clean = probing.probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1)
+    real, calls = probing._probe_layers, []
+
+    def failing(net, by_name, group, *args, **kwargs):
+        calls.append([m.layer for m in group])
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.76 GiB (made up)")
+        return real(net, by_name, group, *args, **kwargs)
+
+    monkeypatch.setattr(probing, "_probe_layers", failing)
+    again = probing.probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1)
+    assert calls == [[0] * 7, [1] * 7, [1] * 7, [2] * 7, [3] * 7]  # layer 0's pass is not run twice
+    assert any(n.startswith("ran out of memory planning for 90% of the free GPU memory (CUDA out of memory. Tried")
+               and n.endswith("probed again planning for 75%") for n in again.notes)
+    for a, b in zip(clean.modules, again.modules, strict=True):
+        assert a.name == b.name and a.signal == pytest.approx(b.signal, rel=1e-4) and a.rank == b.rank
+    assert not model.is_gradient_checkpointing and all(not p.requires_grad and p.grad is None
+                                                        for p in model.parameters())
+
+    tries = []
+
+    def always(net, by_name, group, *args, **kwargs):
+        tries.append(net.is_gradient_checkpointing)
+        raise torch.OutOfMemoryError("CUDA out of memory (made up)")
+
+    monkeypatch.setattr(probing, "_probe_layers", always)
+    with pytest.raises(UsageError, match="out of GPU memory while probing, even with every layer recomputed in the "
+                                         "backward pass and 60% of the free memory planned for"):
+        probing.probe_batches(model, structure, modules, batches, tokenizer.pad_token_id)
+    assert tries == [False, False, True]  # the last try recomputes every layer
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_warm_up_runs_the_whitening_and_spectra(monkeypatch, half):
+    """The first-call warm-up goes through the real whitening and spectra (both whitening paths, Ritz
+    spectra), so a change there cannot leave it silently doing nothing."""
+    from loraplan import probing
+
+    seen = []
+    real = probing._finish
+    monkeypatch.setattr(probing, "_finish", lambda pending: seen.append(real(pending)))
+    probing._WarmUp(torch.device("cpu"), half).join()
+    (signals,) = seen
+    (signal,) = signals.values()
+    assert signal.name == "warm-up" and signal.naive > 0 and math.isfinite(signal.signal)  # folds of pure noise
+
+
+def test_solved_and_inverted_whitening_agree_on_a_wide_mlp(monkeypatch, tmp_path):
+    """A factor whitening fewer than a third of its width in vectors is applied by triangular solves
+    (here the MLP's 256-wide side against a 32-wide model: gate/up's outputs, down's input), whose
+    column-major results once broke the probe; the signals equal those of inverses everywhere."""
+    import transformers
+
+    from loraplan import probing
+    from loraplan.ablation.batches import MicroBatch
+    from loraplan.sources import load_structure
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    net = transformers.AutoModelForCausalLM.from_config(config)
+    config.save_pretrained(tmp_path)
+    structure = load_structure(str(tmp_path))
+    modules = probing._candidates(structure, "all-linear")
+    rows = torch.randint(0, 128, (16, 4, 24)).tolist()
+    batches = [MicroBatch(b, b) for b in rows]
+    solved = probing.probe_batches(net, structure, modules, batches, pad_id=0)
+    built, paths = probing._Whitener.__init__, []
+
+    def inverted(self, matrix, n, columns=0, boost=1.0, half=False):
+        paths.append(3 * columns < matrix.shape[0])
+        built(self, matrix, n, 1 << 30, boost, half)
+
+    monkeypatch.setattr(probing._Whitener, "__init__", inverted)
+    everywhere = probing.probe_batches(net, structure, modules, batches, pad_id=0)
+    assert sum(paths) == 3  # gate's and up's outputs, down's input
+    for a, b in zip(solved.modules, everywhere.modules, strict=True):
+        assert a.signal == pytest.approx(b.signal, rel=1e-4, abs=1e-6 * abs(b.naive)) and a.rank == b.rank
 
 
 def test_padding_is_left_out_of_the_factors():

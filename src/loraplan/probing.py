@@ -66,6 +66,9 @@ DAMPING = 1e-2  # Tikhonov damping of each Kronecker factor, relative to its mea
 DENSE_MAX = 8192  # wider factors are kept as their diagonal
 INVERSE_BLOCK = 128  # triangular inverses: diagonal blocks at most this wide, merged by float64 products
 RITZ_BYTES = 1 << 30  # cross-Grams in one batch of Ritz steps (all fold gradients are freed by then)
+SHARES = (0.9, 0.75, 0.6)  # of the GPU's free memory, what the probe plans for; the next after running out of
+# memory (the allocator's cache cut into pieces too small: 4.45 GiB of them on an 8B probe that did), the
+# last with every layer recomputed
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,11 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     layers per batch). `checkpointing`: True, every layer; False, none; None (default), on a GPU as
     many as the memory left requires (none when everything fits, all when layer groups are needed
     anyway; all when `memory_budget` is given), none on a CPU. `max_memory` caps the GPU memory the
-    probe plans for (bytes allocated at the peak, weights included; default 90% of what is free)."""
+    probe plans for (bytes allocated at the peak, weights included; default 90% of what is free).
+    Out of memory all the same (the allocator's cache cut into pieces too small; `loraplan probe` sets
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True against that), the probe plans again for 75% of
+    the free memory, then 60% with every layer recomputed, keeping the passes already done, and says
+    so in a note. On a GPU a thread loads the whitening's CUDA libraries meanwhile (_WarmUp)."""
     import torch
 
     device = next(net.parameters()).device
@@ -201,26 +208,48 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     layers = _checkpointable(net)
+    warm_up = _WarmUp(device, grad_bytes == 2) if device.type == "cuda" else None
+    retried = []  # (share planned for, the error) of each try that ran out of memory
     try:
         with _attention_kernels(device):
-            if memory_budget is None:
-                memory_budget, activations, recomputed = _memory_plan(net, modules, batches, pad_id, grad_bytes,
-                                                                      layers, checkpointing, max_memory)
-            else:
-                activations = 0
-                recomputed = layers if checkpointing or (checkpointing is None and device.type == "cuda") else 0
-            passes = _passes(modules, memory_budget, activations, grad_bytes)
-            with _checkpointed(net, recomputed):
-                for k, group in enumerate(passes):
-                    signals.update(_probe_layers(net, by_name, group, batches, pad_id, device, fold_of,
-                                                 f"{k + 1}/{len(passes)}" if progress else None))
+            for attempt, share in enumerate(SHARES):  # out of memory: again, planning for less (a pass done is kept)
+                last = attempt + 1 == len(SHARES)
+                lean = bool(layers) if last else checkpointing
+                todo = [m for m in modules if m.name not in signals]
+                try:
+                    if memory_budget is None:
+                        usable, activations, recomputed = _memory_plan(net, todo, batches, pad_id, grad_bytes, layers,
+                                                                       lean, max_memory, share)
+                    else:
+                        usable, activations = int(memory_budget * share / SHARES[0]), 0
+                        recomputed = layers if lean or (lean is None and device.type == "cuda") else 0
+                    passes = _passes(todo, usable, activations, grad_bytes)
+                    with _checkpointed(net, recomputed):
+                        for k, group in enumerate(passes):
+                            signals.update(_probe_layers(net, by_name, group, batches, pad_id, device, fold_of,
+                                                         f"{k + 1}/{len(passes)}" if progress else None,
+                                                         warm_up.join if warm_up else None))
+                    break
+                except torch.OutOfMemoryError as e:
+                    if last:
+                        raise UsageError("out of GPU memory while probing, even with every layer recomputed in the "
+                                         f"backward pass and {share:.0%} of the free memory planned for",
+                                         "fewer or shorter sequences (--batch-size, --max-length), fewer modules "
+                                         "(--targets), or a GPU with more memory") from None
+                    retried.append((share, str(e).splitlines()[0]))
+                _release(device)  # the failed pass's tensors (its traceback held them until here)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        if warm_up:
+            warm_up.join()
     tokens = sum(mb.tokens for mb in batches)
     ordered = [signals[m.name] for m in modules]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     result = ProbeResult(model="", data="", batches=len(batches), tokens=tokens, seconds=round(time.time() - t0, 3),
                          peak_memory_bytes=peak, modules=ordered, roles=_roles(ordered), plan=None)
+    for (share, error), then in zip(retried, SHARES[1:], strict=False):
+        result.notes.append(f"ran out of memory planning for {share:.0%} of the free GPU memory ({error[:100]}); "
+                            f"probed again planning for {then:.0%}")
     if max_memory is not None and device.type != "cuda":
         result.notes.append(f"--max-memory caps GPU memory; on {device.type} it is not used")
     if len(passes) > 1:
@@ -238,11 +267,12 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     return result
 
 
-def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) -> dict[str, ModuleSignal]:
+def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label, ready=None) -> dict[str, ModuleSignal]:
     """One pass over the batches with the statistics of `group`'s modules attached; their signals.
     Whitening goes a layer at a time: its factors, then its modules' products; on a GPU the next
     layer's factorizations run on a side stream meanwhile. The host waits for the side stream once
-    per layer (were the factors positive definite?) and for the results once per pass."""
+    per layer (were the factors positive definite?) and for the results once per pass. `ready` is
+    called before the whitening starts (the warm-up is done)."""
     inputs = _SharedInputs()
     stats = {m.name: _Stats(by_name[m.name], m.kind == "conv1d", inputs) for m in group}
     for st in stats.values():
@@ -264,6 +294,8 @@ def _probe_layers(net, by_name, group, batches, pad_id, device, fold_of, label) 
     finally:
         for st in stats.values():
             st.detach()
+    if ready is not None:
+        ready()
     columns = Counter()  # how many vectors each input factor will whiten: FOLDS × out per reader
     for m in group:
         columns[id(stats[m.name].input)] += FOLDS * m.out_features
@@ -338,6 +370,65 @@ def _checkpointed(net, layers: int):
         net.gradient_checkpointing_disable()
 
 
+def _release(device) -> None:
+    """Frees what a failed try left (tensors its traceback held, kept cycles) and the allocator's cache."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class _WarmUp:
+    """A process's first whitening loads CUDA libraries and kernels on first use (cuSOLVER, cuBLAS's
+    float64, TF32 and bf16 products, the pinned-memory pool) and the CPU's LAPACK: 0.1-0.4 s of a
+    first call's whitening and spectra on the H100, measured. A thread runs the whitening and the
+    spectra once on a small made-up module, on a stream of its own, while the memory plan and the
+    passes run, so the loading overlaps them. Best effort: a failure here is left for the real
+    whitening to meet and report."""
+
+    def __init__(self, device, half: bool):
+        import threading
+
+        self.thread = threading.Thread(target=self._run, args=(device, half), name="loraplan-probe-warm-up",
+                                       daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _run(device, half: bool) -> None:
+        import types
+
+        import torch
+
+        try:
+            cuda = device.type == "cuda"
+            with torch.cuda.device(device) if cuda else contextlib.nullcontext(), \
+                    torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
+                generator = torch.Generator(device=device).manual_seed(0)
+                dtype = torch.bfloat16 if half else torch.float32
+
+                def noise(*shape):
+                    return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+                inputs, outputs = _Moment(), _Moment()  # 384 × 512 (both Ritz and exact spectra sizes beyond 256)
+                inputs.add(noise(2048, 512), 0)
+                outputs.add(noise(2048, 384), 0)
+                info = types.SimpleNamespace(name="warm-up", role="warm-up", layer=None)
+                stats = types.SimpleNamespace(folds=[noise(384, 512) for _ in range(FOLDS)])
+                # the input side by its inverse, the output side by triangular solves: both paths
+                pending = _signal(info, stats, _Whitener(inputs.matrix, inputs.n, 4096, half=half),
+                                  _Whitener(outputs.matrix, outputs.n, 0, half=half))
+                _finish([pending])
+        except Exception:  # noqa: BLE001, S110 - best effort (see above)
+            pass
+
+    def join(self) -> None:
+        self.thread.join()
+
+
 def _attention_kernels(device):
     """A few batches of as many shapes: cuDNN's attention would build a plan for each shape, which
     takes longer than the passes themselves, so the probe uses the plan-free kernels."""
@@ -387,21 +478,22 @@ def _stats_bytes(modules, grad_bytes: int) -> int:
 
 
 def _memory_plan(net, modules, batches, pad_id: int, grad_bytes: int, layers: int,
-                 checkpointing: bool | None, max_memory: int | None = None) -> tuple[int, int, int]:
+                 checkpointing: bool | None, max_memory: int | None = None,
+                 share: float = SHARES[0]) -> tuple[int, int, int]:
     """(bytes usable, bytes the activations take, how many layers to checkpoint). On a CPU: 8 GiB, no
     activations counted, and checkpointing only when asked. On a GPU the activations of the longest
     batch are measured on one of its rows (they grow with the tokens), with every layer checkpointed
     and with none: all the statistics in one pass with as few layers recomputed as fit 90% of the
     free memory; if even a fully checkpointed pass cannot hold them, every layer is checkpointed and
-    layers go in groups."""
+    layers go in groups. `share` replaces the 90% (less after running out of memory once)."""
     import torch
 
     device = next(net.parameters()).device
     if device.type != "cuda":
-        return 8 << 30, 0, layers if checkpointing else 0
+        return int((8 << 30) * share / SHARES[0]), 0, layers if checkpointing else 0
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache
-    usable = int(0.9 * free)
+    usable = int(share * free)
     if max_memory is not None:
         from .counting import human_bytes
 
@@ -829,10 +921,10 @@ def _signal(info, stats: _Stats, input_whitener: _Whitener | None, output_whiten
     half = stats.folds[0].dtype in (torch.bfloat16, torch.float16)
     m = torch.stack(stats.folds, dim=1)  # one copy, in the folds' precision
     m = m.to(torch.bfloat16) if half else m.float()
-    m = output_whitener.left(m.view(out, FOLDS * inp), inplace=True)
+    m = output_whitener.left(m.view(out, FOLDS * inp), inplace=True)  # (a solve's result is column-major)
     if half:
         m = m.to(torch.bfloat16)
-    m = input_whitener.right(m.view(out * FOLDS, inp), inplace=True).view(out, FOLDS, inp)
+    m = input_whitener.right(m.reshape(out * FOLDS, inp), inplace=True).reshape(out, FOLDS, inp)
     both = torch.linalg.vector_norm(m, dtype=torch.float32).square()  # ‖M₁‖² + ‖M₂‖²
     if half:
         m = m.to(torch.bfloat16)
