@@ -387,8 +387,9 @@ class _WarmUp:
     float64, TF32 and bf16 products, the pinned-memory pool) and the CPU's LAPACK: 0.1-0.4 s of a
     first call's whitening and spectra on the H100, measured. A thread runs the whitening and the
     spectra once on a small made-up module, on a stream of its own, while the memory plan and the
-    passes run, so the loading overlaps them. Best effort: a failure here is left for the real
-    whitening to meet and report."""
+    passes run, so the loading overlaps them (its eigenvalues set torch's CPU threads to one for that
+    moment, as the probe's own do; the passes are on the GPU). Best effort: a failure here is left
+    for the real whitening to meet and report."""
 
     def __init__(self, device, half: bool):
         import threading
