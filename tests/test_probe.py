@@ -102,28 +102,34 @@ def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys, monkeypatch)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
 
 
+def _loaded(task):
+    """The task's base model (fp32, CPU), structure, probed modules, 4 batches of 16 and the pad id."""
+    from loraplan.ablation.batches import training_steps
+    from loraplan.data import load_data
+    from loraplan.probing import _candidates
+    from loraplan.sources import load_model, load_structure, load_tokenizer
+
+    model = load_model(str(task.base), dtype="fp32", device="cpu")
+    tokenizer = load_tokenizer(str(task.base))
+    structure = load_structure(str(task.base))
+    batches = [s[0] for s in training_steps(load_data(str(task.train), tokenizer, max_length=64).train,
+                                            4, 16, None, 0)]
+    return model, structure, _candidates(structure, "all-linear"), batches, tokenizer.pad_token_id
+
+
 def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_unchanged(mlp_task):
     """One pass for all layers, one pass per layer (what a small memory budget forces), or layers
     recomputed in the backward pass (all or some): the same per-module signal; q/k/v (and gate/up) share
     one input factor, counted once per token."""
-    from loraplan.ablation.batches import training_steps
-    from loraplan.data import load_data
-    from loraplan.probing import _candidates, _checkpointed, _SharedInputs, _Stats, probe_batches
-    from loraplan.sources import load_model, load_structure, load_tokenizer
+    from loraplan.probing import _checkpointed, _SharedInputs, _Stats, probe_batches
 
-    model = load_model(str(mlp_task.base), dtype="fp32", device="cpu")
-    tokenizer = load_tokenizer(str(mlp_task.base))
-    structure = load_structure(str(mlp_task.base))
-    modules = _candidates(structure, "all-linear")
-    batches = [s[0] for s in training_steps(load_data(str(mlp_task.train), tokenizer, max_length=64).train,
-                                            4, 16, None, 0)]
-    together = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1 << 40)
-    apart = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1,
-                          max_memory=1 << 30)
+    model, structure, modules, batches, pad = _loaded(mlp_task)
+    together = probe_batches(model, structure, modules, batches, pad, memory_budget=1 << 40)
+    apart = probe_batches(model, structure, modules, batches, pad, memory_budget=1, max_memory=1 << 30)
     # checkpointed layers run their forward (and the hooks) twice: each statistic still counts once
-    recomputed = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, checkpointing=True)
+    recomputed = probe_batches(model, structure, modules, batches, pad, checkpointing=True)
     with _checkpointed(model, 1):  # only the first layer recomputed (what a GPU short of memory gets)
-        partly = probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, checkpointing=False)
+        partly = probe_batches(model, structure, modules, batches, pad, checkpointing=False)
     assert any("4 passes" in n for n in apart.notes) and not any("passes" in n for n in together.notes)
     assert any("--max-memory caps GPU memory; on cpu it is not used" in n for n in apart.notes)
     assert not any("--max-memory" in n for n in together.notes)
@@ -155,18 +161,10 @@ def test_running_out_of_memory_probes_again_leaner_and_keeps_finished_passes(mlp
     costs a retry planning for less memory, not the run: finished passes are kept, the result is the
     same, a note says so. Out of memory on the last try (every layer recomputed): one clear error."""
     from loraplan import probing
-    from loraplan.ablation.batches import training_steps
-    from loraplan.data import load_data
     from loraplan.errors import UsageError
-    from loraplan.sources import load_model, load_structure, load_tokenizer
 
-    model = load_model(str(mlp_task.base), dtype="fp32", device="cpu")
-    tokenizer = load_tokenizer(str(mlp_task.base))
-    structure = load_structure(str(mlp_task.base))
-    modules = probing._candidates(structure, "all-linear")
-    batches = [s[0] for s in training_steps(load_data(str(mlp_task.train), tokenizer, max_length=64).train,
-                                            4, 16, None, 0)]
-    clean = probing.probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1)
+    model, structure, modules, batches, pad = _loaded(mlp_task)
+    clean = probing.probe_batches(model, structure, modules, batches, pad, memory_budget=1)
     real, calls = probing._probe_layers, []
 
     def failing(net, by_name, group, *args, **kwargs):
@@ -176,7 +174,7 @@ def test_running_out_of_memory_probes_again_leaner_and_keeps_finished_passes(mlp
         return real(net, by_name, group, *args, **kwargs)
 
     monkeypatch.setattr(probing, "_probe_layers", failing)
-    again = probing.probe_batches(model, structure, modules, batches, tokenizer.pad_token_id, memory_budget=1)
+    again = probing.probe_batches(model, structure, modules, batches, pad, memory_budget=1)
     assert calls == [[0] * 7, [1] * 7, [1] * 7, [2] * 7, [3] * 7]  # layer 0's pass is not run twice
     assert any(n.startswith("ran out of memory planning for 90% of the free GPU memory (CUDA out of memory. Tried")
                and n.endswith("probed again planning for 75%") for n in again.notes)
@@ -194,7 +192,7 @@ def test_running_out_of_memory_probes_again_leaner_and_keeps_finished_passes(mlp
     monkeypatch.setattr(probing, "_probe_layers", always)
     with pytest.raises(UsageError, match="out of GPU memory while probing, even with every layer recomputed in the "
                                          "backward pass and 60% of the free memory planned for"):
-        probing.probe_batches(model, structure, modules, batches, tokenizer.pad_token_id)
+        probing.probe_batches(model, structure, modules, batches, pad)
     assert tries == [False, False, True]  # the last try recomputes every layer
 
 

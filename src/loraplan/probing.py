@@ -33,8 +33,8 @@ equivalent and is not what the planted tasks validate (there, whitening the MLP'
 diagonal raised down_proj's share by 7-19 points); each fold's gradient is summed by autograd in the
 weights' dtype, and bf16/fp16 folds are whitened by bf16 products (W rounded once: ‖W F Wᵀ - I‖ ~
 1e-2). Nothing waits on the GPU inside a layer: a layer's factorizations run on a side stream while
-the previous layer's products do. The Ritz steps of every C of the same width run batched at the end of a pass, and their
-eigenvalues are taken on the CPU by a pool of threads.
+the previous layer's products do. The Ritz steps of every C of the same width run batched at the
+end of a pass, and their eigenvalues are taken on the CPU by a pool of threads.
 
 Validated on planted tasks and one real-data task (benchmarks/probe/RESULTS.md), including where it
 fails: the gradient at the base measures the first steps, not what an adapter can finally reach, and
@@ -214,15 +214,15 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
         with _attention_kernels(device):
             for attempt, share in enumerate(SHARES):  # out of memory: again, planning for less (a pass done is kept)
                 last = attempt + 1 == len(SHARES)
-                lean = bool(layers) if last else checkpointing
+                policy = bool(layers) if last else checkpointing
                 todo = [m for m in modules if m.name not in signals]
                 try:
                     if memory_budget is None:
                         usable, activations, recomputed = _memory_plan(net, todo, batches, pad_id, grad_bytes, layers,
-                                                                       lean, max_memory, share)
+                                                                       policy, max_memory, share)
                     else:
                         usable, activations = int(memory_budget * share / SHARES[0]), 0
-                        recomputed = layers if lean or (lean is None and device.type == "cuda") else 0
+                        recomputed = layers if policy or (policy is None and device.type == "cuda") else 0
                     passes = _passes(todo, usable, activations, grad_bytes)
                     with _checkpointed(net, recomputed):
                         for k, group in enumerate(passes):
@@ -414,7 +414,7 @@ class _WarmUp:
                 def noise(*shape):
                     return torch.randn(*shape, generator=generator, device=device).to(dtype)
 
-                inputs, outputs = _Moment(), _Moment()  # 384 × 512 (both Ritz and exact spectra sizes beyond 256)
+                inputs, outputs = _Moment(), _Moment()  # 384 × 512: a 384-column C, past EXACT_MAX (Ritz steps)
                 inputs.add(noise(2048, 512), 0)
                 outputs.add(noise(2048, 384), 0)
                 info = types.SimpleNamespace(name="warm-up", role="warm-up", layer=None)
@@ -749,7 +749,7 @@ class _Whitener:
 
     def left(self, g, inplace: bool = False):
         """W · g (`inplace`: a diagonal W may overwrite g). A bf16 inverse takes g in bf16 (rounded
-        here if it is not) and gives fp32 sums."""
+        here if it is not) and gives fp32 sums. Every path gives a row-major result."""
         import torch
 
         if self.diagonal is not None:
@@ -758,7 +758,7 @@ class _Whitener:
             if self.half:
                 return _mm32(self.inverse, g.to(torch.bfloat16))
             return self.inverse @ g
-        return torch.linalg.solve_triangular(self.cholesky, g.double(), upper=False).float()
+        return self._solve(g, left=True)
 
     def right(self, g, inplace: bool = False):
         """g · Wᵀ"""
@@ -770,7 +770,16 @@ class _Whitener:
             if self.half:
                 return _mm32(g.to(torch.bfloat16), self.inverse.T)
             return g @ self.inverse.T  # contiguous, as g is
-        return self.left(g.transpose(-1, -2)).transpose(-1, -2)
+        return self._solve(g, left=False)
+
+    def _solve(self, g, left: bool):
+        """L⁻¹g (left) or gL⁻ᵀ by a float64 triangular solve, back in fp32 and row-major (a solve's
+        result is column-major: as it is, it broke the views of the folds in _signal)."""
+        import torch
+
+        a = self.cholesky if left else self.cholesky.mT
+        x = torch.linalg.solve_triangular(a, g.double(), upper=not left, left=left)
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
 
     def record_stream(self, stream):
         """Built on one CUDA stream, used on `stream`: its memory waits for that stream's use."""
@@ -922,10 +931,10 @@ def _signal(info, stats: _Stats, input_whitener: _Whitener | None, output_whiten
     half = stats.folds[0].dtype in (torch.bfloat16, torch.float16)
     m = torch.stack(stats.folds, dim=1)  # one copy, in the folds' precision
     m = m.to(torch.bfloat16) if half else m.float()
-    m = output_whitener.left(m.view(out, FOLDS * inp), inplace=True)  # (a solve's result is column-major)
+    m = output_whitener.left(m.view(out, FOLDS * inp), inplace=True)
     if half:
         m = m.to(torch.bfloat16)
-    m = input_whitener.right(m.reshape(out * FOLDS, inp), inplace=True).reshape(out, FOLDS, inp)
+    m = input_whitener.right(m.view(out * FOLDS, inp), inplace=True).view(out, FOLDS, inp)
     both = torch.linalg.vector_norm(m, dtype=torch.float32).square()  # ‖M₁‖² + ‖M₂‖²
     if half:
         m = m.to(torch.bfloat16)
