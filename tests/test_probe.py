@@ -153,7 +153,7 @@ def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_un
     for st in stats:
         st.detach()
     assert stats[0].input is stats[1].input is stats[2].input and stats[0].input.n == 2 * 10
-    assert torch.allclose(stats[0].input.matrix, 2 * x.reshape(10, -1).T @ x.reshape(10, -1), atol=1e-4)
+    assert torch.allclose(stats[0].input.dense().float(), 2 * x.reshape(10, -1).T @ x.reshape(10, -1), atol=1e-4)
 
 
 def test_running_out_of_memory_probes_again_leaner_and_keeps_finished_passes(mlp_task, monkeypatch):
@@ -233,9 +233,9 @@ def test_solved_and_inverted_whitening_agree_on_a_wide_mlp(monkeypatch, tmp_path
     solved = probing.probe_batches(net, structure, modules, batches, pad_id=0)
     built, paths = probing._Whitener.__init__, []
 
-    def inverted(self, matrix, n, columns=0, boost=1.0, half=False):
-        paths.append(3 * columns < matrix.shape[0])
-        built(self, matrix, n, 1 << 30, boost, half)
+    def inverted(self, factor, n, columns=0, boost=1.0, half=False):
+        paths.append(3 * columns < factor.width)
+        built(self, factor, n, 1 << 30, boost, half)
 
     monkeypatch.setattr(probing._Whitener, "__init__", inverted)
     everywhere = probing.probe_batches(net, structure, modules, batches, pad_id=0)
@@ -262,7 +262,7 @@ def test_padding_is_left_out_of_the_factors():
     st.detach()
     real = torch.cat([x[0], x[1, :2]])
     assert st.input.n == st.output.n == 7
-    assert torch.allclose(st.input.matrix, real.T @ real, atol=1e-5)
+    assert torch.allclose(st.input.dense().float(), real.T @ real, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 13, 64, 100])
@@ -391,8 +391,8 @@ def test_wide_factors_keep_their_diagonal(monkeypatch):
     moment.add(x, 0)  # the same batch again (a recomputed forward): not counted twice
     moment.add(x, 1)
     expected = x.bfloat16().float().pow(2).sum((0, 1)) + x.pow(2).sum((0, 1))
-    assert moment.n == 30 and moment.matrix.dtype == torch.float32
-    assert torch.allclose(moment.matrix, expected, rtol=1e-5)
+    assert moment.n == 30 and moment.matrix.dtype == torch.float32 and moment.matrix.shape == (12,)
+    assert torch.allclose(moment.dense().float(), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("planted, noise", [(40, 0.005), (40, 0.01), (40, 0.03), (3, 0.005)])
@@ -442,3 +442,24 @@ def test_ranks_take_the_noise_floor_off_each_spectrum():
     # floor 0.5: 2.5 and 0.5 above it, 83% in one direction; floor 2: only 3 above it; nothing above the floor
     assert ranks == [2, 1, 0]
     assert tops == [[2.5, 0.5], [3.0], []]
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 64])
+def test_factors_are_kept_in_half_their_space(width):
+    """A dense factor is packed in n(n + 1)/2 entries (n/2 more for an odd n) and unpacks to Σ xxᵀ,
+    symmetric, whatever the batches' dtypes; the memory plan counts the packed size."""
+    import loraplan.probing as probing
+
+    torch.manual_seed(0)
+    moment, expected = probing._Moment(), torch.zeros(width, width, dtype=torch.float64)
+    for batch, x in enumerate([torch.randn(9, width), torch.randn(2, 3, width).bfloat16()]):
+        moment.add(x, batch)
+        moment.add(x, batch)  # a recomputed forward: counted once
+        rows = x.reshape(-1, width).double()
+        expected += rows.T @ rows
+    dense = moment.dense()
+    assert moment.matrix.numel() == width * (width + 1) // 2 + (width % 2) * (width + 1) // 2
+    assert dense.dtype == torch.float64 and torch.equal(dense, dense.T) and moment.n == 15
+    assert torch.allclose(dense, expected, rtol=1e-5, atol=1e-5)
+    assert probing._factor_bytes(width) == 4 * moment.matrix.numel()
+    assert probing._factor_bytes(width, packed=False) == 4 * width * width

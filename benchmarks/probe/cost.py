@@ -5,9 +5,11 @@
 
 Batches are the sweep benchmark's synthetic sequences (8 per batch, 64-512 random tokens), so the
 figures sit next to one trial of benchmarks/sweep/RESULTS.md on the same shape. The probe runs
-twice in one process: the first call pays CUDA's start-up (cuSOLVER, kernels loaded on first use),
-as a CLI call would. `--within TRIAL.json` (bench_sweep.py's output) adds a third call capped at
-that trial's peak memory (`max_memory`): what the probe costs on a GPU that just holds one trial.
+twice in one process: the first call pays CUDA's start-up (kernels loaded on first use), as a CLI
+call would; as in `loraplan probe`, the whitening's libraries load in a thread while the model
+loads (_WarmUp.before_loading), and the allocator uses expandable segments. `--within TRIAL.json`
+(bench_sweep.py's output) adds a third call capped at that trial's peak memory (`max_memory`):
+what the probe costs on a GPU that just holds one trial.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ def synthetic_batches(count: int = 8) -> list:
 
 
 def main() -> None:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `loraplan probe` sets it
     import torch
 
     from loraplan.ablation.runner import package_versions
-    from loraplan.probing import _candidates, probe_batches
+    from loraplan.probing import _candidates, _WarmUp, probe_batches
     from loraplan.sources import load_model, load_structure
 
     p = argparse.ArgumentParser()
@@ -54,11 +57,12 @@ def main() -> None:
     model = SHAPES[args.shape]
     batches = synthetic_batches(args.batches)
     t0 = time.time()
+    warm_up = _WarmUp.before_loading("bf16")  # as probe() starts it
     net = load_model(model, dtype="bf16", random_init=True)
     load_s = time.time() - t0
     structure = load_structure(model)
     modules = _candidates(structure, "all-linear")
-    result = probe_batches(net, structure, modules, batches, pad_id=0, progress=True)
+    result = probe_batches(net, structure, modules, batches, pad_id=0, progress=True, warm_up=warm_up)
     # again in the same process: the first call pays CUDA/cuBLAS/cuSOLVER start-up, as a CLI call would
     warm = probe_batches(net, structure, modules, batches, pad_id=0)
     capped = None

@@ -24,8 +24,9 @@ the Krylov space alone cut the tail and read them up to 14 low, and a plain Gaus
 ΩᵀCΩ spreads the eigenvalues (Marchenko-Pastur) and read them 0.54-0.8× (benchmarks/probe/RESULTS.md).
 
 Cost: one forward/backward per batch (per layer group when the statistics do not fit in memory;
-on a GPU, as few layers recomputed in the backward pass as the memory left requires). Factors are
-sums over the real tokens (padding excluded), from half-precision products with fp32 sums on a GPU.
+on a GPU, as few layers recomputed in the backward pass as the memory left requires), its loss
+computed without fp32 logits (lm_loss). Factors are sums over the real tokens (padding excluded),
+from half-precision products with fp32 sums on a GPU, kept in half their space (symmetric).
 Modules reading the same input (q/k/v, gate/up) share one input factor; whitening uses the inverse
 Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩), inverted with TF32 products on a GPU;
 factors wider than DENSE_MAX keep only their diagonal — a per-channel whitening, which is not
@@ -52,6 +53,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
+from .lm_loss import lean_causal_lm_loss
 from .plan import LoraPlan, Reason
 
 FOLDS = 2
@@ -151,6 +153,7 @@ def probe(model: str, data: str, *, targets: str = "all-linear", batches: int = 
 
     if batches < 2 * FOLDS:
         raise UsageError(f"--batches must be at least {2 * FOLDS} (the noise estimate splits them)", "e.g. --batches 8")
+    warm_up = _WarmUp.before_loading(dtype)
     structure = load_structure(model, trust_remote_code=trust_remote_code)
     modules = _candidates(structure, targets)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
@@ -158,7 +161,7 @@ def probe(model: str, data: str, *, targets: str = "all-linear", batches: int = 
     steps = training_steps(splits.train, batches, batch_size, None, seed)
     net = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     result = probe_batches(net, structure, modules, [s[0] for s in steps], tokenizer.pad_token_id,
-                           progress=progress, max_memory=max_memory)
+                           progress=progress, max_memory=max_memory, warm_up=warm_up)
     result.model, result.data = model, data
     result.plan = plan_from_signals(result, structure, examples=len(splits.train))
     return result
@@ -177,7 +180,7 @@ def _candidates(structure, targets: str):
 
 def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool = False,
                   memory_budget: int | None = None, checkpointing: bool | None = None,
-                  max_memory: int | None = None) -> ProbeResult:
+                  max_memory: int | None = None, warm_up: _WarmUp | None = None) -> ProbeResult:
     """The probe proper, on a loaded model and a list of micro-batches. When the statistics of all
     layers do not fit in `memory_budget` bytes (default: on a GPU, what the activations of the longest
     batch leave free; 8 GiB on a CPU), layers are probed in groups, one pass over the batches per group.
@@ -191,7 +194,8 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     Out of memory all the same (the allocator's cache cut into pieces too small; `loraplan probe` sets
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True against that), the probe plans again for 75% of
     the free memory, then 60% with every layer recomputed, keeping the passes already done, and says
-    so in a note. On a GPU a thread loads the whitening's CUDA libraries meanwhile (_WarmUp)."""
+    so in a note. On a GPU a thread loads the whitening's CUDA libraries meanwhile (_WarmUp; `warm_up`:
+    one started earlier, while the model loaded)."""
     import torch
 
     device = next(net.parameters()).device
@@ -208,10 +212,11 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     layers = _checkpointable(net)
-    warm_up = _WarmUp(device, grad_bytes == 2) if device.type == "cuda" else None
+    if warm_up is None and device.type == "cuda":
+        warm_up = _WarmUp(device, grad_bytes == 2)
     retried = []  # (share planned for, the error) of each try that ran out of memory
     try:
-        with _attention_kernels(device):
+        with _attention_kernels(device), lean_causal_lm_loss(net):
             for attempt, share in enumerate(SHARES):  # out of memory: again, planning for less (a pass done is kept)
                 last = attempt + 1 == len(SHARES)
                 policy = bool(layers) if last else checkpointing
@@ -384,12 +389,14 @@ def _release(device) -> None:
 
 class _WarmUp:
     """A process's first whitening loads CUDA libraries and kernels on first use (cuSOLVER, cuBLAS's
-    float64, TF32 and bf16 products, the pinned-memory pool) and the CPU's LAPACK: 0.1-0.4 s of a
-    first call's whitening and spectra on the H100, measured. A thread runs the whitening and the
-    spectra once on a small made-up module, on a stream of its own, while the memory plan and the
-    passes run, so the loading overlaps them (its eigenvalues set torch's CPU threads to one for that
-    moment, as the probe's own do; the passes are on the GPU). Best effort: a failure here is left
-    for the real whitening to meet and report."""
+    float64, TF32 and bf16 products, the pinned-memory pool) and the CPU's LAPACK: about 1 s in a
+    fresh process on the H100 (cuSOLVER's first factorization 0.48 s, the first products and spectra
+    0.2 s each). A thread runs the whitening and the spectra once on a small made-up module, on a
+    stream of its own: from `probe()`, while the data and the model load (`before_loading`: a first
+    call 0.4-0.6 s faster than with the thread started with the passes); from `probe_batches` alone,
+    while the memory plan and the passes run, where the loading slows them down instead (its
+    eigenvalues set torch's CPU threads to one for that moment, as the probe's own do). Best effort:
+    a failure here is left for the real whitening to meet and report."""
 
     def __init__(self, device, half: bool):
         import threading
@@ -420,14 +427,25 @@ class _WarmUp:
                 info = types.SimpleNamespace(name="warm-up", role="warm-up", layer=None)
                 stats = types.SimpleNamespace(folds=[noise(384, 512) for _ in range(FOLDS)])
                 # the input side by its inverse, the output side by triangular solves: both paths
-                pending = _signal(info, stats, _Whitener(inputs.matrix, inputs.n, 4096, half=half),
-                                  _Whitener(outputs.matrix, outputs.n, 0, half=half))
+                pending = _signal(info, stats, _Whitener(inputs, inputs.n, 4096, half=half),
+                                  _Whitener(outputs, outputs.n, 0, half=half))
                 _finish([pending])
         except Exception:  # noqa: BLE001, S110 - best effort (see above)
             pass
 
     def join(self) -> None:
         self.thread.join()
+
+    @classmethod
+    def before_loading(cls, dtype: str) -> _WarmUp | None:
+        """Started before the model loads, where it will load onto a GPU (`dtype` as load_model takes it)."""
+        import torch
+
+        from .sources import torch_dtype
+
+        if not torch.cuda.is_available():
+            return None
+        return cls(torch.device("cuda", torch.cuda.current_device()), torch_dtype(dtype).itemsize == 2)
 
 
 def _attention_kernels(device):
@@ -448,16 +466,20 @@ def _by_layer(modules) -> list[list]:
     return list(layers.values())
 
 
-def _factor_bytes(dim: int) -> int:
-    return 4 * (dim * dim if dim <= DENSE_MAX else dim)
+def _factor_bytes(dim: int, packed: bool = True) -> int:
+    """fp32 bytes of a dim-wide factor: packed (a _Moment's) or whole (a whitening matrix); its
+    diagonal beyond DENSE_MAX."""
+    if dim > DENSE_MAX:
+        return 4 * dim
+    return 4 * (_packed_entries(dim) if packed else dim * dim)
 
 
-def _layer_bytes(group, grad_bytes: int) -> int:
+def _layer_bytes(group, grad_bytes: int, packed: bool = True) -> int:
     """Statistics of one layer: an input factor per distinct input (q/k/v read the same one, as do
     gate/up), an output factor and FOLDS fold gradients per module."""
     inputs = {(m.in_features, m.role in ("q", "k", "v"), m.role in ("gate", "up")) for m in group}
-    size = sum(_factor_bytes(dim) for dim, *_ in inputs)
-    return size + sum(_factor_bytes(m.out_features) + FOLDS * grad_bytes * m.in_features * m.out_features
+    size = sum(_factor_bytes(dim, packed) for dim, *_ in inputs)
+    return size + sum(_factor_bytes(m.out_features, packed) + FOLDS * grad_bytes * m.in_features * m.out_features
                       for m in group)
 
 
@@ -469,7 +491,7 @@ def _whitening_bytes(group) -> int:
     squared) are smaller than the fold gradients freed as each is made. The whitening starts once
     the pass's batches are done: its temporaries never meet the activations."""
     widest = max((d for m in group for d in (m.in_features, m.out_features) if d <= DENSE_MAX), default=0)
-    return (2 * max(_layer_bytes(members, 0) for members in _by_layer(group)) + 28 * widest ** 2
+    return (2 * max(_layer_bytes(members, 0, packed=False) for members in _by_layer(group)) + 28 * widest ** 2
             + max(4 * 3 * FOLDS * m.in_features * m.out_features for m in group))
 
 
@@ -507,11 +529,12 @@ def _memory_plan(net, modules, batches, pad_id: int, grad_bytes: int, layers: in
     if not layers:
         checkpointing = False
     stats, whitening = _stats_bytes(modules, grad_bytes), _whitening_bytes(modules)
-    full = _activations(net, longest, pad_id, 0) if checkpointing is not True else 0
+    weights = [by_name[m.name].weight for by_name in [dict(net.named_modules())] for m in modules]
+    full = _activations(net, longest, pad_id, 0, weights) if checkpointing is not True else 0
     if checkpointing is False or (checkpointing is None and usable - stats >= max(full, whitening)):
         lean = 0  # not needed: nothing is checkpointed (a pass of the model saved)
     else:
-        lean = _activations(net, longest, pad_id, layers)
+        lean = _activations(net, longest, pad_id, layers, weights)
     return (usable, *_choose(usable, stats, whitening, full, lean, layers, checkpointing))
 
 
@@ -534,11 +557,16 @@ def _choose(usable: int, stats: int, whitening: int, full: int, lean: int, layer
     return lean, layers
 
 
-def _activations(net, batch, pad_id: int, checkpointed: int) -> int:
-    """Peak bytes a forward and backward of `batch` adds to the weights (no weight gradients), with
-    the first `checkpointed` layers recomputed: measured on its longest row, times its rows."""
+def _activations(net, batch, pad_id: int, checkpointed: int, weights=()) -> int:
+    """Peak bytes a forward and backward of `batch` adds to the weights, with the first `checkpointed`
+    layers recomputed: measured on its longest row, times its rows (the loss's chunks, which do not
+    grow with the rows, cut to their share of that row). `weights` require a gradient, as in the
+    probe's passes, so that the forward pass keeps what theirs would (a Linear keeps its input for
+    its weight's gradient); the backward pass stops at the embeddings' output, computing no weight
+    gradient (those are the statistics' share)."""
     import torch
 
+    from . import lm_loss
     from .ablation.batches import MicroBatch
 
     device = next(net.parameters()).device
@@ -547,13 +575,20 @@ def _activations(net, batch, pad_id: int, checkpointed: int) -> int:
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    embeddings = net.get_input_embeddings()
-    hook = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_())
+    embedded = []
+    hook = net.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: embedded.append(output.requires_grad_()))
+    for w in weights:
+        w.requires_grad_(True)
     try:
-        with _checkpointed(net, checkpointed):
-            net(input_ids=ids, attention_mask=mask, labels=labels, **_no_cache(net)).loss.backward()
+        with _checkpointed(net, checkpointed), lm_loss.chunks(lm_loss.CHUNK_BYTES // len(batch.input_ids)):
+            loss = net(input_ids=ids, attention_mask=mask, labels=labels, **_no_cache(net)).loss
+            torch.autograd.grad(loss, embedded[:1])
+            del loss
     finally:
         hook.remove()
+        for w in weights:
+            w.requires_grad_(False)
     peak = torch.cuda.max_memory_allocated(device) - base
     torch.cuda.reset_peak_memory_stats(device)
     return peak * len(batch.input_ids)
@@ -576,11 +611,18 @@ def _passes(modules, usable: int, activations: int, grad_bytes: int) -> list[lis
 
 
 class _Moment:
-    """E[x xᵀ] of a stream of row vectors, summed in fp32: the full matrix up to DENSE_MAX wide, its
-    diagonal beyond (a 14336-wide matrix would be 0.8 GB per module)."""
+    """E[x xᵀ] of a stream of row vectors, summed in fp32: up to DENSE_MAX wide, the symmetric matrix
+    in half its space; beyond, its diagonal (a 14336-wide matrix would be 0.8 GB per module).
+    Halves h = ⌊n/2⌋ and k = n - h of x: the block below the diagonal, Σ x₂ᵀx₁ (k × h), is kept
+    whole; the two diagonal blocks, symmetric, share a (k + 1) × k matrix: x₁ᵀx₁'s lower triangle one
+    row down, x₂ᵀx₂'s upper triangle (the layout of LAPACK's rectangular full packed format). Three
+    products of a quarter of n² each, where the whole matrix is one product of n² (a fourth of its
+    flops saved); each diagonal block passes through a temporary of its size. `dense()` unpacks."""
 
     def __init__(self):
-        self.matrix = None
+        self.matrix = None  # the packed matrix, or the diagonal
+        self.diagonal = False
+        self.width = 0
         self.n = 0
         self.batch = -1  # the last batch added
 
@@ -596,22 +638,52 @@ class _Moment:
         x = x.reshape(-1, x.shape[-1])
         if real is not None and x.shape[0] == real[0]:
             x = x.index_select(0, real[1])
-        if x.shape[1] > DENSE_MAX:  # Σ x², summed in fp32 without an fp32 copy of x
+        self.n += x.shape[0]
+        self.width = n = x.shape[1]
+        self.diagonal = n > DENSE_MAX
+        if self.diagonal:  # Σ x², summed in fp32 without an fp32 copy of x
             update = torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
             self.matrix = update if self.matrix is None else self.matrix.add_(update)
-        else:
-            self.matrix = _gram(x, self.matrix)
-        self.n += x.shape[0]
+            return
+        if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+            x = x.float()  # once, where the product will not take x as it is
+        if self.matrix is None:
+            self.matrix = torch.zeros(_packed_entries(n), dtype=torch.float32, device=x.device)
+        below, shared = self._blocks()
+        h = n // 2
+        x1, x2 = x[:, :h], x[:, h:]
+        _mm32(x2.T, x1, below)
+        shared[1:h + 1, :h].add_(_mm32(x1.T, x1).tril_())
+        shared[:n - h].add_(_mm32(x2.T, x2).triu_())
+
+    def _blocks(self):
+        """Views of the packed matrix: the block below the diagonal, the shared diagonal blocks."""
+        n = self.width
+        h, k = n // 2, n - n // 2
+        return self.matrix[:k * h].view(k, h), self.matrix[k * h:].view(k + 1, k)
+
+    def dense(self):
+        """The factor in float64: the diagonal, or the whole symmetric matrix."""
+        import torch
+
+        if self.diagonal:
+            return self.matrix.double()
+        n = self.width
+        h = n // 2
+        below, shared = self._blocks()
+        f = torch.empty(n, n, dtype=torch.float64, device=self.matrix.device)
+        f[h:, :h] = below
+        f[:h, h:] = below.T
+        for block, triangle in ((f[:h, :h], shared[1:h + 1, :h].tril()), (f[h:, h:], shared[:n - h].triu())):
+            torch.add(triangle, triangle.T, out=block)  # T + Tᵀ counts the diagonal twice
+            block.diagonal().sub_(triangle.diagonal())
+        return f
 
 
-def _gram(x, into=None):
-    """xᵀx with fp32 sums, added in place to `into` when given (x made fp32 once where the product
-    will not take it as it is)."""
-    import torch
-
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
-        x = x.float()
-    return _mm32(x.T, x, into)
+def _packed_entries(n: int) -> int:
+    """Entries of a packed n × n symmetric matrix (_Moment): n(n + 1)/2, and n/2 more for an odd n."""
+    h, k = n // 2, n - n // 2
+    return k * h + (k + 1) * k
 
 
 def _mm32(a, b, into=None):
@@ -721,21 +793,24 @@ class _Whitener:
     half-precision gradients — W rounded once, shared by both folds: the metric F moves by the
     rounding (2⁻⁹ of W), not the noise, so ⟨M₁, M₂⟩ stays an unbiased estimate for it.
     The factorization is not waited for: `info` says (later, see _repair) whether F + λI was
-    positive definite in float64 rounding; `boost` multiplies λ for a second try."""
+    positive definite in float64 rounding; `boost` multiplies λ for a second try. `factor`: a
+    _Moment, or the sum S itself (n × n, or its diagonal)."""
 
-    def __init__(self, matrix, n: int, columns: int = 0, boost: float = 1.0, half: bool = False):
+    def __init__(self, factor, n: int, columns: int = 0, boost: float = 1.0, half: bool = False):
         import torch
 
-        self.matrix, self.n, self.columns, self.half = matrix, n, columns, half
+        self.factor, self.n, self.columns, self.half = factor, n, columns, half
         self.diagonal = self.cholesky = self.inverse = self.info = None
-        if matrix.dim() == 1:
-            f = matrix.double().div_(max(n, 1)).clamp_min_(0)
+        # float64, a copy of its own (changed in place below)
+        f = factor.dense() if isinstance(factor, _Moment) else factor.to(torch.float64, copy=True)
+        if f.dim() == 1:
+            f.div_(max(n, 1)).clamp_min_(0)
             self.diagonal = (f + _damping(f.mean())).rsqrt().float()
             return
         # F + λI = (S + nλI)/n for the sum S of n outer products: S + nλI is factored (nλ is the same
         # DAMPING of S's own mean eigenvalue), and √n goes into W (one float64 copy of S in all)
-        f = matrix.double()
         f.diagonal().add_(boost * _damping(f.diagonal().clamp_min(0).mean()))
+        self.width = f.shape[0]
         lower, self.info = torch.linalg.cholesky_ex(f)
         del f
         scale = math.sqrt(max(n, 1))
@@ -808,7 +883,7 @@ class _Factorizer:
         import torch
 
         def build() -> dict:
-            return {id(moment): _Whitener(moment.matrix, moment.n, columns, half=self.half)
+            return {id(moment): _Whitener(moment, moment.n, columns, half=self.half)
                     for moment, columns in factors}
 
         if self.stream is None:
@@ -854,9 +929,9 @@ def _repair(whiteners: dict, infos: list[int] | None = None) -> None:
         infos = torch.stack([w.info for _, w in dense]).tolist()
     for (key, w), failed in zip(dense, infos, strict=True):
         if failed:
-            again = _Whitener(w.matrix, w.n, w.columns, boost=11.0, half=w.half)
+            again = _Whitener(w.factor, w.n, w.columns, boost=11.0, half=w.half)
             if int(again.info):
-                raise RuntimeError(f"a probe factor is not positive definite even damped (width {w.matrix.shape[0]})")
+                raise RuntimeError(f"a probe factor is not positive definite even damped (width {w.width})")
             whiteners[key] = again
 
 
