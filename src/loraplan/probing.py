@@ -529,7 +529,8 @@ def _memory_plan(net, modules, batches, pad_id: int, grad_bytes: int, layers: in
     if not layers:
         checkpointing = False
     stats, whitening = _stats_bytes(modules, grad_bytes), _whitening_bytes(modules)
-    weights = [by_name[m.name].weight for by_name in [dict(net.named_modules())] for m in modules]
+    by_name = dict(net.named_modules())
+    weights = [by_name[m.name].weight for m in modules]
     full = _activations(net, longest, pad_id, 0, weights) if checkpointing is not True else 0
     if checkpointing is False or (checkpointing is None and usable - stats >= max(full, whitening)):
         lean = 0  # not needed: nothing is checkpointed (a pass of the model saved)
