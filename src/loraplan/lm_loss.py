@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 
+from .data import IGNORE_INDEX
+
 CHUNK_BYTES = 128 << 20  # the fp32 rows of one chunk (twice that at its peak: the log-sum-exp's temporary)
-IGNORE = -100
 
 
 def _autograd_function():
@@ -65,7 +66,7 @@ def _autograd_function():
 _FUNCTION = None
 
 
-def causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = IGNORE,
+def causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
                    shift_labels=None, **kwargs):
     """transformers' `ForCausalLMLoss`, same arguments and result, computed by LeanCausalLMLoss."""
     import torch

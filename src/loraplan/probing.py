@@ -622,7 +622,6 @@ class _Moment:
 
     def __init__(self):
         self.matrix = None  # the packed matrix, or the diagonal
-        self.diagonal = False
         self.width = 0
         self.n = 0
         self.batch = -1  # the last batch added
@@ -641,7 +640,6 @@ class _Moment:
             x = x.index_select(0, real[1])
         self.n += x.shape[0]
         self.width = n = x.shape[1]
-        self.diagonal = n > DENSE_MAX
         if self.diagonal:  # Σ x², summed in fp32 without an fp32 copy of x
             update = torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
             self.matrix = update if self.matrix is None else self.matrix.add_(update)
@@ -656,6 +654,10 @@ class _Moment:
         _mm32(x2.T, x1, below)
         shared[1:h + 1, :h].add_(_mm32(x1.T, x1).tril_())
         shared[:n - h].add_(_mm32(x2.T, x2).triu_())
+
+    @property
+    def diagonal(self) -> bool:
+        return self.width > DENSE_MAX
 
     def _blocks(self):
         """Views of the packed matrix: the block below the diagonal, the shared diagonal blocks."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-IGNORE = -100
+from ..data import IGNORE_INDEX as IGNORE
 
 
 @dataclass(frozen=True)
