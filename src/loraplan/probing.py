@@ -25,8 +25,10 @@ the Krylov space alone cut the tail and read them up to 14 low, and a plain Gaus
 
 Cost: one forward/backward per batch (per layer group when the statistics do not fit in memory;
 on a GPU, as few layers recomputed in the backward pass as the memory left requires), its loss
-computed without fp32 logits (lm_loss). Factors are sums over the real tokens (padding excluded),
-from half-precision products with fp32 sums on a GPU, kept in half their space (symmetric).
+computed without fp32 logits (lm_loss), activation outputs, gated products and norms' fp32 upcasts
+recomputed rather than kept (lean_saves: the same gradients, about a third less activation memory).
+Factors are sums over the real tokens (padding excluded), from half-precision products with fp32
+sums on a GPU, kept in half their space (symmetric).
 Modules reading the same input (q/k/v, gate/up) share one input factor; whitening uses the inverse
 Cholesky factor, not an eigendecomposition (same ⟨M₁, M₂⟩), inverted with TF32 products on a GPU;
 factors wider than DENSE_MAX keep only their diagonal — a per-channel whitening, which is not
@@ -53,6 +55,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
+from .lean_saves import lean_saved_tensors
 from .lm_loss import lean_causal_lm_loss
 from .plan import LoraPlan, Reason
 
@@ -216,7 +219,7 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
         warm_up = _WarmUp(device, grad_bytes == 2)
     retried = []  # (share planned for, the error) of each try that ran out of memory
     try:
-        with _attention_kernels(device), lean_causal_lm_loss(net):
+        with _attention_kernels(device), lean_causal_lm_loss(net), lean_saved_tensors(net):
             for attempt, share in enumerate(SHARES):  # out of memory: again, planning for less (a pass done is kept)
                 last = attempt + 1 == len(SHARES)
                 policy = bool(layers) if last else checkpointing

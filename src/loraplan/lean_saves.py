@@ -1,0 +1,208 @@
+"""What a backward pass keeps, less: three kinds of tensor that autograd saves are exact, cheap
+functions of tensors it keeps anyway, and are recomputed from them in the backward pass instead.
+
+- An activation's output, from its input. In a gated MLP, `act(gate(x)) * up(x)` keeps act's output
+  for the product's backward, while act's own backward keeps its input (SiLU and GELU do); in a plain
+  MLP the next Linear keeps it for its weight's gradient. Recomputed by the activation's forward.
+- A product of two tensors that are kept (or recomputed): the gated MLP's `act(gate(x)) * up(x)`,
+  which the down projection keeps for its weight's gradient, while the product's own backward keeps
+  both factors. Recomputed by one multiplication.
+- The fp32 upcast inside an RMSNorm: `x.to(float32)` is saved (for the mean of squares and the
+  product by the inverse root) where x, half its size, would do. x is kept instead and upcast again.
+
+A recomputed tensor is made once for all the nodes that saved it (or views of it), by the first to
+need it, and freed with the last. The gradients are bitwise the same: each recomputation is the same
+operation on the same tensors. A layer that gradient checkpointing recomputes saves nothing here
+(its own hooks are innermost), so it is unaffected.
+
+Used by the probe (probing.py), whose passes run forward and backward over long batches while its
+statistics take most of the memory. Measured on the H100 (benchmarks/probe/RESULTS.md), 8 batches'
+forward and backward: Llama-3.1-8B 34.75 -> 27.34 GiB above the weights (one fold's gradients, 13
+GiB, included), 3% slower; Llama-3.2-1B 9.22 -> 7.11 GiB. Recomputing the norms' outputs too (q/k/v
+and gate/up keep them) saved 1.6 GiB more at 8B but cost more time than recomputing layers does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+# parameter-free, pointwise, deterministic: recomputing one from its input gives the same tensor
+_POINTWISE = ("SiLU", "GELU", "ReLU", "Tanh", "Sigmoid", "Mish", "SiLUActivation", "GELUActivation",
+              "NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation", "QuickGELUActivation",
+              "AccurateGELUActivation")
+
+
+class _Recompute:
+    """What a saved tensor is packed into: how to make it again from tensors autograd keeps anyway.
+    Made once per tensor and shared by every node that saved it (or a view of it: _View); the first
+    node to need it computes it, and it is freed with the last of them. `layout`: (size, stride) of
+    the original, which the recomputed tensor is given if it differs (views are taken of it)."""
+
+    __slots__ = ("fn", "source", "layout", "value", "__weakref__")
+
+    def __init__(self, fn, source, layout=None):
+        self.fn, self.source, self.layout, self.value = fn, source, layout, None
+
+    @classmethod
+    def of(cls, entry: list) -> _Recompute | None:
+        """The shared recomputation of `entry` (see lean_saved_tensors), made now if not yet;
+        None if what it is made from is gone."""
+        shared = entry[2]() if entry[2] is not None else None
+        if shared is not None:
+            return shared
+        fn, source = entry[1]
+        if fn is _product:
+            values = [operand[0]() if operand[1] is None else cls.of(operand) for operand in source]
+            if any(v is None for v in values):
+                return None
+            source = values
+        else:
+            source = source()
+            if source is None:
+                return None
+        shared = cls(fn, source, entry[3])
+        entry[2] = weakref.ref(shared)
+        return shared
+
+    def __call__(self):
+        import torch
+
+        if self.value is None:
+            with torch.no_grad():
+                value = self.fn(self.source)
+                if self.layout is not None and (value.size(), value.stride()) != self.layout:
+                    value = torch.empty_strided(*self.layout, dtype=value.dtype, device=value.device).copy_(value)
+            self.value = value
+        return self.value
+
+
+class _View:
+    """A saved view of a recomputed tensor (a Linear saves its 3-D input flattened to 2-D)."""
+
+    __slots__ = ("base", "size", "stride", "offset")
+
+    def __init__(self, base: _Recompute, view, original):
+        self.base = base
+        self.size, self.stride = view.size(), view.stride()
+        self.offset = view.storage_offset() - original.storage_offset()
+
+    def __call__(self):
+        value = self.base()
+        return value.as_strided(self.size, self.stride, value.storage_offset() + self.offset)
+
+
+def _kind(module) -> str | None:
+    """'activation' (its output is recomputed from its input), 'norm' (an RMSNorm: its fp32 upcast
+    is), or None."""
+    name = type(module).__name__
+    if not type(module).__module__.startswith(("torch.nn", "transformers")):
+        return None
+    if name in _POINTWISE and not getattr(module, "inplace", False) and next(module.parameters(), None) is None:
+        return "activation"
+    if name.endswith("RMSNorm"):
+        return "norm"
+    return None
+
+
+def _upcast(x):
+    import torch
+
+    return x.to(torch.float32)
+
+
+def _product(operands):
+    """a * b, in the order they were multiplied, each recomputed if it is itself recomputed."""
+    import torch
+
+    a, b = (x() if isinstance(x, _Recompute) else x for x in operands)
+    return torch.mul(a, b)
+
+
+@contextlib.contextmanager
+def lean_saved_tensors(net):
+    """Within the context, forward passes of `net` save less for their backward pass (see above)."""
+    import torch
+
+    # this forward pass's tensors: id -> [weak ref to it, how to recompute it (fn, source; None: kept as it is),
+    # weak ref to its shared _Recompute, its (size, stride)]
+    made: dict = {}
+    # (id(autograd node), output_nr) -> (the node, id(tensor)) for the tensors saved so far, which a product's
+    # factors are found by (the node is held, so its id is not reused while it is in the table)
+    edges: dict = {}
+    norms: list = []  # the inputs of the RMSNorms whose forward is running (innermost last)
+
+    def start(module, args):
+        made.clear()
+        edges.clear()
+        norms.clear()
+
+    def enter(module, args):
+        norms.append(args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else None)
+
+    def leave(module, args, output):
+        norms.pop()
+
+    def activation(module, args, kwargs, out):
+        if (torch.is_grad_enabled() and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+                and isinstance(out, torch.Tensor) and out.requires_grad and out is not args[0]):
+            made[id(out)] = [weakref.ref(out), (module.forward, weakref.ref(args[0])), None, _layout(out)]
+
+    def recipe(t, node) -> list | None:
+        """A new entry for t if it is an upcast or a product that can be recomputed, else None."""
+        name = type(node).__name__
+        x = norms[-1] if norms else None
+        if (name == "ToCopyBackward0" and x is not None and t.dtype == torch.float32
+                and x.dtype in (torch.bfloat16, torch.float16) and t.shape == x.shape and x.grad_fn is not None
+                and node.next_functions[0] == (x.grad_fn, x.output_nr)):
+            return [weakref.ref(t), (_upcast, weakref.ref(x)), None, _layout(t)]
+        if name == "MulBackward0" and t._version == 0:
+            factors = [_factor(made, edges, n, nr) for n, nr in node.next_functions]
+            if all(f is not None and (f[1] is not None or f[0]() is not None) for f in factors):
+                return [weakref.ref(t), (_product, factors), None, _layout(t)]
+        return None
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        node = base.grad_fn
+        if node is None:  # a weight, or a tensor no gradient flows through: nothing to recompute it from
+            return t
+        key = id(base)
+        entry = made.get(key)
+        if entry is None or entry[0]() is not base:
+            entry = made[key] = recipe(base, node) or [weakref.ref(base), None, None, None]
+        shared = _Recompute.of(entry) if entry[1] is not None else None
+        edges[id(node), base.output_nr] = (node, key)
+        if shared is None:
+            return t
+        return shared if base is t else _View(shared, t, base)
+
+    def unpack(saved):
+        return saved() if isinstance(saved, (_Recompute, _View)) else saved
+
+    handles = [net.register_forward_pre_hook(start)]
+    for m in net.modules():
+        kind = _kind(m)
+        if kind == "activation":
+            handles.append(m.register_forward_hook(activation, with_kwargs=True))
+        elif kind == "norm":
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        made.clear()
+        edges.clear()
+        norms.clear()
+
+
+def _layout(t) -> tuple:
+    return t.size(), t.stride()
+
+
+def _factor(made: dict, edges: dict, node, nr: int) -> list | None:
+    """The entry of the tensor saved so far that is output `nr` of autograd node `node`, or None."""
+    found = edges.get((id(node), nr)) if node is not None else None
+    return made.get(found[1]) if found is not None and found[0] is node else None
