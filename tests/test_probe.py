@@ -211,36 +211,6 @@ def test_warm_up_runs_the_whitening_and_spectra(monkeypatch, half):
     assert signal.name == "warm-up" and signal.naive > 0 and math.isfinite(signal.signal)  # folds of pure noise
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3_moe", "gpt2"])
-def test_warm_up_probes_a_one_layer_copy_of_the_model(family, monkeypatch, tmp_path):
-    """The model's warm-up (from `probe()`, while the model loads) runs the real probe on a one-layer
-    random-init copy, with the first layer's modules and the real batches: per-layer config lists
-    (gemma3's layer_types) cut to match, MoE and Conv1D models included."""
-    from tiny import save_tiny_model
-
-    from loraplan import probing
-    from loraplan.ablation.batches import MicroBatch
-    from loraplan.sources import load_model, load_structure
-
-    folder = save_tiny_model(tmp_path / family, family)
-    structure = load_structure(folder)
-    modules = probing._candidates(structure, "all-linear")
-    batches = [MicroBatch(b, b) for b in torch.randint(4, 128, (4, 2, 12)).tolist()]
-    seen, real = [], probing.probe_batches
-    monkeypatch.setattr(probing, "probe_batches",
-                        lambda net, s, mods, *a, **k: seen.append((net, mods, real(net, s, mods, *a, **k))))
-    warm_up = probing._WarmUp()
-    warm_up.device = torch.device("cpu")
-    assert warm_up._probe_one_layer(folder, "fp32", False, modules, batches, 0)
-    ((net, probed, result),) = seen
-    assert net.config.num_hidden_layers == 1 and probed and {m.layer for m in probed} == {0}
-    assert [m.name for m in result.modules] == [m.name for m in probed]
-    assert load_model(folder, dtype="fp32", random_init=True, layers=1).config.num_hidden_layers == 1
-    with pytest.raises(ValueError):
-        load_model(folder, layers=1)
-    probing._WarmUp().with_model(folder, "fp32", False, modules, batches, 0, 0)  # no GPU: nothing started
-
-
 def test_solved_and_inverted_whitening_agree_on_a_wide_mlp(monkeypatch, tmp_path):
     """A factor whitening fewer than a third of its width in vectors is applied by triangular solves
     (here the MLP's 256-wide side against a 32-wide model: gate/up's outputs, down's input), whose

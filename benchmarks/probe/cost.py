@@ -6,9 +6,8 @@
 Batches are the sweep benchmark's synthetic sequences (8 per batch, 64-512 random tokens), so the
 figures sit next to one trial of benchmarks/sweep/RESULTS.md on the same shape. The probe runs
 twice in one process: the first call pays CUDA's start-up (kernels loaded on first use), as a CLI
-call would; as in `loraplan probe`, threads load the whitening's libraries and probe a one-layer
-copy of the model while the model loads (_WarmUp: before_loading, with_model), and the allocator
-uses expandable segments. `load_s` is the loading, the warm-up's threads running beside it. `--within TRIAL.json`
+call would; as in `loraplan probe`, the whitening's libraries load in a thread while the model
+loads (_WarmUp.before_loading), and the allocator uses expandable segments. `--within TRIAL.json`
 (bench_sweep.py's output) adds a third call capped at that trial's peak memory (`max_memory`):
 what the probe costs on a GPU that just holds one trial.
 """
@@ -58,13 +57,11 @@ def main() -> None:
     model = SHAPES[args.shape]
     batches = synthetic_batches(args.batches)
     t0 = time.time()
-    warm_up = _WarmUp.before_loading("bf16")  # as probe() starts them
-    structure = load_structure(model)
-    modules = _candidates(structure, "all-linear")
-    if warm_up is not None:
-        warm_up.with_model(model, "bf16", False, modules, batches, 0, structure.total_params * 2)
+    warm_up = _WarmUp.before_loading("bf16")  # as probe() starts it
     net = load_model(model, dtype="bf16", random_init=True)
     load_s = time.time() - t0
+    structure = load_structure(model)
+    modules = _candidates(structure, "all-linear")
     result = probe_batches(net, structure, modules, batches, pad_id=0, progress=True, warm_up=warm_up)
     # again in the same process: the first call pays CUDA/cuBLAS/cuSOLVER start-up, as a CLI call would
     warm = probe_batches(net, structure, modules, batches, pad_id=0)

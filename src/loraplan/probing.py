@@ -71,7 +71,6 @@ DAMPING = 1e-2  # Tikhonov damping of each Kronecker factor, relative to its mea
 DENSE_MAX = 8192  # wider factors are kept as their diagonal
 INVERSE_BLOCK = 128  # triangular inverses: diagonal blocks at most this wide, merged by float64 products
 RITZ_BYTES = 1 << 30  # cross-Grams in one batch of Ritz steps (all fold gradients are freed by then)
-ROOM_FOR_WARM_UP = 8 << 30  # GPU memory left beside the model's weights for the one-layer warm-up (_WarmUp)
 SHARES = (0.9, 0.75, 0.6)  # of the GPU's free memory, what the probe plans for; the next after running out of
 # memory (the allocator's cache cut into pieces too small: 4.45 GiB of them on an 8B probe that did), the
 # last with every layer recomputed
@@ -153,7 +152,7 @@ def probe(model: str, data: str, *, targets: str = "all-linear", batches: int = 
     """Probe MODEL on DATA: `loraplan probe` as a function."""
     from .ablation.batches import training_steps
     from .data import load_data
-    from .sources import load_model, load_structure, load_tokenizer, torch_dtype
+    from .sources import load_model, load_structure, load_tokenizer
 
     if batches < 2 * FOLDS:
         raise UsageError(f"--batches must be at least {2 * FOLDS} (the noise estimate splits them)", "e.g. --batches 8")
@@ -163,12 +162,8 @@ def probe(model: str, data: str, *, targets: str = "all-linear", batches: int = 
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     splits = load_data(data, tokenizer, fmt=fmt, max_length=max_length, seed=seed)
     steps = training_steps(splits.train, batches, batch_size, None, seed)
-    micro = [s[0] for s in steps]
-    if warm_up is not None:
-        warm_up.with_model(model, dtype, trust_remote_code, modules, micro, tokenizer.pad_token_id,
-                           structure.total_params * torch_dtype(dtype).itemsize)
     net = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    result = probe_batches(net, structure, modules, micro, tokenizer.pad_token_id,
+    result = probe_batches(net, structure, modules, [s[0] for s in steps], tokenizer.pad_token_id,
                            progress=progress, max_memory=max_memory, warm_up=warm_up)
     result.model, result.data = model, data
     result.plan = plan_from_signals(result, structure, examples=len(splits.train))
@@ -208,8 +203,6 @@ def probe_batches(net, structure, modules, batches, pad_id: int, progress: bool 
 
     device = next(net.parameters()).device
     by_name = dict(net.named_modules())
-    if warm_up is not None:
-        warm_up.join_model()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -398,63 +391,22 @@ def _release(device) -> None:
 
 
 class _WarmUp:
-    """A process's first probe loads CUDA libraries and kernels on first use: about 1 s in a fresh
-    process on the H100 for the whitening (cuSOLVER's first factorization 0.48 s, the first products
-    and spectra 0.2 s each), and 0.3-0.6 s for the model's own kernels at the batches' shapes (its
-    products, attention, loss and the statistics' updates). Threads do that work beforehand, each on
-    a stream of its own:
-    - the whitening and the spectra once on a small made-up module: from `probe()`, while the data and
-      the model load (`before_loading`); from `probe_batches` alone, while the memory plan and the
-      passes run, where the loading slows them down instead (its eigenvalues set torch's CPU threads
-      to one for that moment, as the probe's own do);
-    - from `probe()`, once the batches are known and while the model loads (`with_model`), the whole
-      probe on a one-layer random-init copy of the model and the same batches, after the first.
-      `probe_batches` waits for it before it starts.
-    Best effort: a failure here is left for the real probe to meet and report."""
+    """A process's first whitening loads CUDA libraries and kernels on first use (cuSOLVER, cuBLAS's
+    float64, TF32 and bf16 products, the pinned-memory pool) and the CPU's LAPACK: about 1 s in a
+    fresh process on the H100 (cuSOLVER's first factorization 0.48 s, the first products and spectra
+    0.2 s each). A thread runs the whitening and the spectra once on a small made-up module, on a
+    stream of its own: from `probe()`, while the data and the model load (`before_loading`: a first
+    call 0.4-0.6 s faster than with the thread started with the passes); from `probe_batches` alone,
+    while the memory plan and the passes run, where the loading slows them down instead (its
+    eigenvalues set torch's CPU threads to one for that moment, as the probe's own do). Best effort:
+    a failure here is left for the real whitening to meet and report."""
 
-    def __init__(self, device=None, half: bool = False):
+    def __init__(self, device, half: bool):
         import threading
 
-        self.device, self.thread, self.model_thread = device, None, None
-        if device is not None:
-            self.thread = threading.Thread(target=self._run, args=(device, half), name="loraplan-probe-warm-up",
-                                           daemon=True)
-            self.thread.start()
-
-    def with_model(self, model: str, dtype: str, trust_remote_code: bool, modules, batches, pad_id: int,
-                   weights_bytes: int) -> None:
-        """Starts the one-layer probe (see above), if the GPU has room for it beside the model's
-        `weights_bytes` (ROOM_FOR_WARM_UP more)."""
-        import threading
-
-        import torch
-
-        if self.device is None or self.device.type != "cuda":
-            return
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if free - weights_bytes < ROOM_FOR_WARM_UP:
-            return
-        self.model_thread = threading.Thread(
-            target=self._probe_one_layer, args=(model, dtype, trust_remote_code, modules, batches, pad_id),
-            name="loraplan-probe-warm-up-model", daemon=True)
-        self.model_thread.start()
-
-    def _probe_one_layer(self, model, dtype, trust_remote_code, modules, batches, pad_id) -> bool:
-        """The one-layer probe; whether it ran."""
-        import torch
-
-        from .sources import load_model
-
-        try:
-            self.join()  # one warm-up at a time: both set torch's CPU threads for their eigenvalues
-            first = [m for m in modules if m.layer == 0]
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-                copy = load_model(model, dtype=dtype, device=str(self.device), trust_remote_code=trust_remote_code,
-                                  random_init=True, layers=1)
-                probe_batches(copy, None, first, batches, pad_id, warm_up=_WarmUp())
-            return True
-        except Exception:  # noqa: BLE001 - best effort (see above)
-            return False
+        self.thread = threading.Thread(target=self._run, args=(device, half), name="loraplan-probe-warm-up",
+                                       daemon=True)
+        self.thread.start()
 
     @staticmethod
     def _run(device, half: bool) -> None:
@@ -485,14 +437,7 @@ class _WarmUp:
             pass
 
     def join(self) -> None:
-        """Waits for the whitening's warm-up."""
-        if self.thread is not None:
-            self.thread.join()
-
-    def join_model(self) -> None:
-        """Waits for the one-layer probe."""
-        if self.model_thread is not None:
-            self.model_thread.join()
+        self.thread.join()
 
     @classmethod
     def before_loading(cls, dtype: str) -> _WarmUp | None:

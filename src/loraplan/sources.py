@@ -137,12 +137,10 @@ def torch_dtype(name: str):
 
 
 def load_model(model: str, *, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False,
-               quantization: str | None = None, random_init: bool = False, revision: str | None = None,
-               layers: int | None = None):
+               quantization: str | None = None, random_init: bool = False, revision: str | None = None):
     """The model with its weights (safetensors only, never pickle), ready for PEFT.
 
-    `random_init` builds it from the config alone (benchmarks, `builtin:` shapes); with `layers`, a
-    copy with only that many layers (config lists of one entry per layer cut to match). `quantization`
+    `random_init` builds it from the config alone (benchmarks, `builtin:` shapes). `quantization`
     is "4bit" (NF4 with double quantization, bf16 compute, as QLoRA) or "8bit" (bitsandbytes).
     """
     import torch
@@ -150,10 +148,6 @@ def load_model(model: str, *, dtype: str = "auto", device: str | None = None, tr
 
     raw, folder = read_config_dict(model, trust_remote_code=trust_remote_code, revision=revision)
     config = make_config(raw, folder, trust_remote_code=trust_remote_code)
-    if layers is not None:
-        if not random_init:
-            raise ValueError("layers= builds a random-init copy (random_init=True)")
-        _cut_layers(config, layers)
     dtype_ = torch_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from .structure import model_class_for
@@ -187,19 +181,6 @@ def load_model(model: str, *, dtype: str = "auto", device: str | None = None, tr
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.utils.logging.enable_progress_bar()
-
-
-def _cut_layers(config, layers: int) -> None:
-    """The config of the same model with its first `layers` layers: the layer count, and every list
-    with one entry per layer (layer_types, ...) cut to match."""
-    for sub in [config, *(getattr(config, k) for k in ("text_config",) if getattr(config, k, None) is not None)]:
-        count = getattr(sub, "num_hidden_layers", None)
-        if not isinstance(count, int) or count <= layers:
-            continue
-        for key, value in list(vars(sub).items()):
-            if isinstance(value, list) and len(value) == count:
-                setattr(sub, key, value[:layers])
-        sub.num_hidden_layers = layers
 
 
 def quantization_config(quantization: str, compute_dtype):
