@@ -133,6 +133,32 @@ def test_products_with_a_constant_factor_are_kept_and_gradients_match():
         assert torch.equal(net.get_parameter(name).grad, grad), name
 
 
+class _NormThenInPlace(torch.nn.Module):
+    """The norm's input changed in place after the norm read it: its saved upcast no longer follows."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.lin, self.norm, self.out = torch.nn.Linear(4, 4), LlamaRMSNorm(4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        y = self.norm(h)
+        h.mul_(3)
+        return self.out(y) + h.sum()
+
+
+def test_a_source_changed_in_place_is_an_error_not_a_wrong_gradient():
+    net = _NormThenInPlace().to(torch.bfloat16)
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    net(x).sum().backward()  # autograd alone: fine (the upcast is a copy)
+    with lean_saved_tensors(net):
+        loss = net(x).sum()
+        with pytest.raises(RuntimeError, match="in-place"):
+            loss.backward()
+
+
 def test_hooks_are_removed_when_the_forward_pass_fails():
     net = make_model("llama")
     with pytest.raises(IndexError), lean_saved_tensors(net):

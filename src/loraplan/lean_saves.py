@@ -16,10 +16,11 @@ operation on the same tensors. A layer that gradient checkpointing recomputes sa
 (its own hooks are innermost), so it is unaffected.
 
 Used by the probe (probing.py), whose passes run forward and backward over long batches while its
-statistics take most of the memory. Measured on the H100 (benchmarks/probe/RESULTS.md), 8 batches'
-forward and backward: Llama-3.1-8B 34.75 -> 27.34 GiB above the weights (one fold's gradients, 13
-GiB, included), 3% slower; Llama-3.2-1B 9.22 -> 7.11 GiB. Recomputing the norms' outputs too (q/k/v
-and gate/up keep them) saved 1.6 GiB more at 8B but cost more time than recomputing layers does.
+statistics take most of the memory. Measured on the H100 (benchmarks/probe/saved_tensors.py), 8
+batches' forward and backward above the weights, one fold's gradients included: Llama-3.1-8B 34.69
+-> 27.34 GiB, 3% slower; Llama-3.2-1B 9.15 -> 7.11 GiB, 23% slower (0.13 s: its short passes leave
+the host setting the pace, and the hooks are Python). Recomputing the norms' outputs too (q/k/v and
+gate/up keep them) saved 1.6 GiB more at 8B but cost more time than recomputing layers does.
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ class _Recompute:
     """What a saved tensor is packed into: how to make it again from tensors autograd keeps anyway.
     Made once per tensor and shared by every node that saved it (or a view of it: _View); the first
     node to need it computes it, and it is freed with the last of them. `layout`: (size, stride) of
-    the original, which the recomputed tensor is given if it differs (views are taken of it)."""
+    the original, which the recomputed tensor is given if it differs (views are taken of it). A
+    tensor it is made from that was changed in place since is an error, as autograd's own are."""
 
-    __slots__ = ("fn", "source", "layout", "value", "__weakref__")
+    __slots__ = ("fn", "source", "layout", "versions", "value", "__weakref__")
 
     def __init__(self, fn, source, layout=None):
         self.fn, self.source, self.layout, self.value = fn, source, layout, None
+        tensors = source if fn is _product else [source]
+        self.versions = [(t, t._version) for t in tensors if not isinstance(t, _Recompute)]
 
     @classmethod
     def of(cls, entry: list) -> _Recompute | None:
@@ -69,6 +73,9 @@ class _Recompute:
         import torch
 
         if self.value is None:
+            if any(t._version != version for t, version in self.versions):
+                raise RuntimeError("a tensor that lean_saved_tensors recomputes a saved tensor from was modified by an "
+                                   "in-place operation after it was saved; run without lean_saved_tensors")
             with torch.no_grad():
                 value = self.fn(self.source)
                 if self.layout is not None and (value.size(), value.stride()) != self.layout:
