@@ -48,27 +48,6 @@ class _Recompute:
         tensors = source if fn is _product else [source]
         self.versions = [(t, t._version) for t in tensors if not isinstance(t, _Recompute)]
 
-    @classmethod
-    def of(cls, entry: list) -> _Recompute | None:
-        """The shared recomputation of `entry` (see lean_saved_tensors), made now if not yet;
-        None if what it is made from is gone."""
-        shared = entry[2]() if entry[2] is not None else None
-        if shared is not None:
-            return shared
-        fn, source = entry[1]
-        if fn is _product:
-            values = [operand[0]() if operand[1] is None else cls.of(operand) for operand in source]
-            if any(v is None for v in values):
-                return None
-            source = values
-        else:
-            source = source()
-            if source is None:
-                return None
-        shared = cls(fn, source, entry[3])
-        entry[2] = weakref.ref(shared)
-        return shared
-
     def __call__(self):
         import torch
 
@@ -82,6 +61,36 @@ class _Recompute:
                     value = torch.empty_strided(*self.layout, dtype=value.dtype, device=value.device).copy_(value)
             self.value = value
         return self.value
+
+
+class _Entry:
+    """A tensor of this forward pass that was saved or may be: `how` makes it again, (fn, source) with
+    `source` a weak reference (a list of factor entries for _product), or None if it is kept as it is."""
+
+    __slots__ = ("tensor", "how", "layout", "shared")
+
+    def __init__(self, t, how=None):
+        self.tensor, self.how, self.shared = weakref.ref(t), how, None
+        self.layout = (t.size(), t.stride()) if how is not None else None  # kept tensors: no work on the hot path
+
+    def recompute(self) -> _Recompute | None:
+        """The shared recomputation, made now if not yet (held weakly here: it lives as long as a saved
+        node holds it); None if kept as it is, or if what it is made from is gone."""
+        shared = self.shared() if self.shared is not None else None
+        if shared is not None or self.how is None:
+            return shared
+        fn, source = self.how
+        if fn is _product:
+            source = [f.tensor() if f.how is None else f.recompute() for f in source]
+            if any(v is None for v in source):
+                return None
+        else:
+            source = source()
+            if source is None:
+                return None
+        shared = _Recompute(fn, source, self.layout)
+        self.shared = weakref.ref(shared)
+        return shared
 
 
 class _View:
@@ -131,10 +140,8 @@ def lean_saved_tensors(net):
     """Within the context, forward passes of `net` save less for their backward pass (see above)."""
     import torch
 
-    # this forward pass's tensors: id -> [weak ref to it, how to recompute it (fn, source; None: kept as it is),
-    # weak ref to its shared _Recompute, its (size, stride)]
-    made: dict = {}
-    # (id(autograd node), output_nr) -> (the node, id(tensor)) for the tensors saved so far, which a product's
+    made: dict = {}  # id(tensor) -> its _Entry, for this forward pass's tensors
+    # (id(autograd node), output_nr) -> (the node, the entry) for the tensors saved so far, which a product's
     # factors are found by (the node is held, so its id is not reused while it is in the table)
     edges: dict = {}
     norms: list = []  # the inputs of the RMSNorms whose forward is running (innermost last)
@@ -153,20 +160,20 @@ def lean_saved_tensors(net):
     def activation(module, args, kwargs, out):
         if (torch.is_grad_enabled() and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
                 and isinstance(out, torch.Tensor) and out.requires_grad and out is not args[0]):
-            made[id(out)] = [weakref.ref(out), (module.forward, weakref.ref(args[0])), None, _layout(out)]
+            made[id(out)] = _Entry(out, (module.forward, weakref.ref(args[0])))
 
-    def recipe(t, node) -> list | None:
+    def recipe(t, node) -> _Entry | None:
         """A new entry for t if it is an upcast or a product that can be recomputed, else None."""
         name = type(node).__name__
         x = norms[-1] if norms else None
         if (name == "ToCopyBackward0" and x is not None and t.dtype == torch.float32
                 and x.dtype in (torch.bfloat16, torch.float16) and t.shape == x.shape and x.grad_fn is not None
                 and node.next_functions[0] == (x.grad_fn, x.output_nr)):
-            return [weakref.ref(t), (_upcast, weakref.ref(x)), None, _layout(t)]
+            return _Entry(t, (_upcast, weakref.ref(x)))
         if name == "MulBackward0" and t._version == 0:
-            factors = [_factor(made, edges, n, nr) for n, nr in node.next_functions]
-            if all(f is not None and (f[1] is not None or f[0]() is not None) for f in factors):
-                return [weakref.ref(t), (_product, factors), None, _layout(t)]
+            factors = [_factor(edges, n, nr) for n, nr in node.next_functions]
+            if all(f is not None and (f.how is not None or f.tensor() is not None) for f in factors):
+                return _Entry(t, (_product, factors))
         return None
 
     def pack(t):
@@ -174,12 +181,11 @@ def lean_saved_tensors(net):
         node = base.grad_fn
         if node is None:  # a weight, or a tensor no gradient flows through: nothing to recompute it from
             return t
-        key = id(base)
-        entry = made.get(key)
-        if entry is None or entry[0]() is not base:
-            entry = made[key] = recipe(base, node) or [weakref.ref(base), None, None, None]
-        shared = _Recompute.of(entry) if entry[1] is not None else None
-        edges[id(node), base.output_nr] = (node, key)
+        entry = made.get(id(base))
+        if entry is None or entry.tensor() is not base:
+            entry = made[id(base)] = recipe(base, node) or _Entry(base)
+        shared = entry.recompute()
+        edges[id(node), base.output_nr] = (node, entry)
         if shared is None:
             return t
         return shared if base is t else _View(shared, t, base)
@@ -205,11 +211,7 @@ def lean_saved_tensors(net):
         norms.clear()
 
 
-def _layout(t) -> tuple:
-    return t.size(), t.stride()
-
-
-def _factor(made: dict, edges: dict, node, nr: int) -> list | None:
+def _factor(edges: dict, node, nr: int) -> _Entry | None:
     """The entry of the tensor saved so far that is output `nr` of autograd node `node`, or None."""
     found = edges.get((id(node), nr)) if node is not None else None
-    return made.get(found[1]) if found is not None and found[0] is node else None
+    return found[1] if found is not None and found[0] is node else None
