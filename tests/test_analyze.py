@@ -10,8 +10,7 @@ import pytest
 import torch
 from tiny import make_model, save_tiny_model
 
-from loraplan.adapters import read_adapter
-from loraplan.analysis import (
+from loraplan.adapter.analyze import (
     analyze,
     delta_svd,
     energy_rank,
@@ -20,6 +19,7 @@ from loraplan.analysis import (
     stable_rank,
     subspace_similarity,
 )
+from loraplan.adapter.files import read_adapter
 from loraplan.cli import main
 
 

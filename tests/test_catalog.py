@@ -5,10 +5,14 @@ import json
 
 import pytest
 
-from loraplan.catalog import BUILTIN_MODELS
-from loraplan.counting import count
-from loraplan.sources import load_structure, make_config
-from loraplan.structure import build_structure, structure_key, transformers_version
+from loraplan.model.builtin import BUILTIN_MODELS
+from loraplan.model.loading import load_structure, make_config
+from loraplan.model.structure import (
+    build_structure,
+    structure_key,
+    transformers_version,
+)
+from loraplan.plan.count import count
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
@@ -41,20 +45,20 @@ def test_shipped_structures_match_a_fresh_build():
 
     import loraplan
 
-    folder = Path(loraplan.__file__).parent / "builtin_structures"
+    folder = Path(loraplan.__file__).parent / "model" / "builtin_structures"
     for name in ("llama-3.1-8b", "gpt2", "mixtral-8x7b", "phi-3-mini"):
         entry = BUILTIN_MODELS[name]
         path = folder / f"{structure_key(entry.config, None)}.json"
         if not path.exists():
             pytest.skip(f"no shipped structure for transformers {transformers_version()} "
-                        "(run `python -m loraplan.catalog` to refresh)")
+                        "(run `python -m loraplan.model.loading` to refresh)")
         fresh = build_structure(make_config(dict(entry.config))).to_json()
         assert json.loads(path.read_text()) == json.loads(json.dumps(fresh))
 
 
 def test_structure_round_trips_through_json():
     s = load_structure("builtin:qwen3-30b-a3b")
-    from loraplan.structure import ModelStructure
+    from loraplan.model.structure import ModelStructure
 
     again = ModelStructure.from_json(json.loads(json.dumps(s.to_json())))
     assert again.modules == s.modules and again.params == s.params and again.tied == s.tied

@@ -10,8 +10,8 @@ import torch
 from test_analyze import _one_line_error, peft_deltas, run_cli, save_adapter
 from tiny import make_model, make_tokenizer
 
-from loraplan.adapters import read_adapter
-from loraplan.compression import compress
+from loraplan.adapter.compress import compress
+from loraplan.adapter.files import read_adapter
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

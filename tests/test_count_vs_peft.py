@@ -7,10 +7,10 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from tiny import FAMILIES, make_model
 
-from loraplan.counting import count_plan
 from loraplan.errors import UsageError
-from loraplan.plan import LoraPlan
-from loraplan.structure import read_structure
+from loraplan.model.structure import read_structure
+from loraplan.plan.count import count_plan
+from loraplan.plan.lora_plan import LoraPlan
 
 SPECS = ["all-linear", "attention", "mlp", "qv", "all", "attention,mlp", "embed,lm_head", "experts",
          "q,o,down", "gate_proj,up_proj,down_proj", "router"]

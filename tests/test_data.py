@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tiny import make_tokenizer
 
-from loraplan.data import (
+from loraplan.data.load import (
     FORMATS,
     DataSplits,
     detect_format,
@@ -473,7 +473,7 @@ def test_with_a_tokenizer_saved_and_loaded_back(tmp_path):
     """The tokenizer as the sweep gets it (sources.load_tokenizer on a model folder) keeps its template."""
     from tiny import write_config
 
-    from loraplan.sources import load_tokenizer
+    from loraplan.model.loading import load_tokenizer
 
     folder = tmp_path / "model"
     write_config("llama", folder)

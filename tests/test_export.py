@@ -11,12 +11,18 @@ import yaml
 from tiny import make_model, write_config
 
 from loraplan.cli import main
-from loraplan.config_files import read_plan, read_plan_fields
 from loraplan.errors import UsageError
-from loraplan.export import axolotl_config, export_plan, llamafactory_config, peft_config, torchtune_config
-from loraplan.plan import LoraPlan
-from loraplan.recommendation import make_recommendation, recommend
-from loraplan.sources import load_structure
+from loraplan.model.loading import load_structure
+from loraplan.plan.export import (
+    axolotl_config,
+    export_plan,
+    llamafactory_config,
+    peft_config,
+    torchtune_config,
+)
+from loraplan.plan.lora_plan import LoraPlan
+from loraplan.plan.read_config import read_plan, read_plan_fields
+from loraplan.plan.recommend import make_recommendation, recommend
 
 
 @pytest.fixture(scope="module")

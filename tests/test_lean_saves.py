@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny import FAMILIES, make_model
 
-import loraplan.lean_saves as lean_saves
-from loraplan.lean_saves import lean_saved_tensors
+import loraplan.autograd.saved_tensors as lean_saves
+from loraplan.autograd.saved_tensors import lean_saved_tensors
 
 
 def _inputs():

@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers
 
-import loraplan.lm_loss as lm_loss
-from loraplan.lm_loss import causal_lm_loss, lean_causal_lm_loss
+import loraplan.autograd.lm_loss as lm_loss
+from loraplan.autograd.lm_loss import causal_lm_loss, lean_causal_lm_loss
 
 
 def _tiny_llama(dtype=torch.float32):

@@ -11,7 +11,8 @@ import pytest
 
 from loraplan.cli import main
 from loraplan.errors import UsageError
-from loraplan.gpu_memory import (
+from loraplan.plan.lora_plan import LoraPlan
+from loraplan.plan.memory import (
     CUDA_CONTEXT_BYTES,
     GiB,
     MiB,
@@ -22,7 +23,6 @@ from loraplan.gpu_memory import (
     parse_size,
     sdpa_kernel,
 )
-from loraplan.plan import LoraPlan
 
 # On the CPU, dropout keeps an fp32 noise tensor instead of CUDA's bool mask, and SDPA runs its
 # flash kernel (q, k, v, output, logsumexp: what flash/cuDNN keep on the GPU).
@@ -186,7 +186,7 @@ def _tiny_peft(plan: LoraPlan, dtype: str = "bf16"):
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from loraplan.structure import read_structure
+    from loraplan.model.structure import read_structure
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -328,8 +328,8 @@ def test_qlora_weights_and_activations_with_bitsandbytes(tmp_path):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from torch.nn.attention import SDPBackend
 
-    from loraplan.gpu_memory import _weight_terms
-    from loraplan.structure import read_structure
+    from loraplan.model.structure import read_structure
+    from loraplan.plan.memory import _weight_terms
 
     transformers.logging.set_verbosity_error()
     config = transformers.LlamaConfig(**{**TINY, "hidden_size": 128, "intermediate_size": 256})
@@ -422,7 +422,7 @@ def _benchmark(name: str):
 def test_benchmark_design_covers_every_pair(qlora):
     import itertools
 
-    from loraplan.sources import load_structure
+    from loraplan.model.loading import load_structure
 
     measure = _benchmark("measure")
     configs = measure.design(load_structure("builtin:llama-3.1-8b"), qlora, 80 * GiB)

@@ -10,9 +10,9 @@ import torch
 from test_analyze import _one_line_error, run_cli, save_adapter
 from tiny import FAMILIES, make_model, save_tiny_model
 
-from loraplan import merging
+from loraplan.adapter import merge as merging
+from loraplan.adapter.merge import merge
 from loraplan.errors import RunError
-from loraplan.merging import merge
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
 
@@ -80,7 +80,7 @@ def test_an_adapter_that_does_not_fit_fails_before_loading(tmp_path, capsys, mon
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded before the fit check")
 
-    monkeypatch.setattr("loraplan.sources.load_model", no_loading)
+    monkeypatch.setattr("loraplan.model.loading.load_model", no_loading)
     line = _one_line_error(capsys, ["merge", str(tmp_path / "narrow"), str(tmp_path / "a"), "--out",
                                     str(tmp_path / "m")], "model.layers.0.mlp.down_proj", "128→64", "96→64")
     assert "does not fit" in line

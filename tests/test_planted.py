@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from loraplan.cli import main
-from loraplan.demo import run_demo
 from loraplan.errors import UsageError
-from loraplan.planted import PlantedSpec, PlantedTask, make_planted_task
-from loraplan.sources import load_structure, load_tokenizer
-from loraplan.targets import resolve_targets
+from loraplan.model.loading import load_structure, load_tokenizer
+from loraplan.model.targets import resolve_targets
+from loraplan.sweeps.demo import run_demo
+from loraplan.sweeps.planted import PlantedSpec, PlantedTask, make_planted_task
 
 SMALL = dict(layers=2, hidden=64, intermediate=128, vocab=64, examples=64, eval_examples=16, seq_len=12)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from loraplan import plots
+from loraplan.sweeps import plots
 
 
 def result(name, targets, r, loss, params, status="completed", sem=0.005, rslora=False, dora=False, **extra):

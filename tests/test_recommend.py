@@ -14,7 +14,12 @@ from tiny import write_config
 import loraplan
 from loraplan.cli import main
 from loraplan.errors import UsageError
-from loraplan.recommendation import SIZE_BUCKETS, TASKS, make_recommendation, recommend
+from loraplan.plan.recommend import (
+    SIZE_BUCKETS,
+    TASKS,
+    make_recommendation,
+    recommend,
+)
 
 FIELDS = ("quadrant", "targets", "r", "lora_alpha", "use_rslora", "use_dora", "loraplus_lr_ratio", "lora_dropout",
           "bias", "task_type")
@@ -173,7 +178,7 @@ def test_api_is_exported():
 def test_llama_names(tiny):
     plan = recommend("format_only", 500, model=tiny["llama"])
     assert plan.targets == "q,v"
-    from loraplan.sources import load_structure
+    from loraplan.model.loading import load_structure
 
     structure = load_structure(tiny["llama"])
     assert plan.to_peft_kwargs(structure)["target_modules"] == ["q_proj", "v_proj"]
@@ -199,7 +204,7 @@ def test_phi3_gets_qkv_proj_with_a_reason(tiny):
 
 
 def test_sized_with_the_model(tiny):
-    from loraplan.counting import count
+    from loraplan.plan.count import count
 
     result = make_recommendation("code", 20_000, model=tiny["llama"])
     expected = count(tiny["llama"], targets="attention,mlp", rank=64, rslora=True).trainable_params
@@ -242,12 +247,14 @@ class _FakeEstimate:
 
 @pytest.fixture
 def fake_memory(monkeypatch):
-    module = types.ModuleType("loraplan.gpu_memory")
+    module = types.ModuleType("loraplan.plan.memory")
     module.estimate_memory = lambda s, plan, b, l, *, dtype="bf16", quant=None, double_quant=True, grad_ckpt=False, \
         optimizer="adamw": _FakeEstimate(plan, b, l, dtype, quant, grad_ckpt)
     module.parse_size = lambda text: int(text.removesuffix("KiB")) * 1024
-    monkeypatch.setitem(sys.modules, "loraplan.gpu_memory", module)
-    monkeypatch.setattr(loraplan, "gpu_memory", module, raising=False)
+    monkeypatch.setitem(sys.modules, "loraplan.plan.memory", module)
+    import loraplan.plan
+
+    monkeypatch.setattr(loraplan.plan, "memory", module, raising=False)
     return module
 
 
@@ -275,7 +282,7 @@ def test_cli_export_of_a_plan_that_does_not_fit(tiny, fake_memory, capsys):
 
 
 def test_real_memory_estimate(tiny):
-    pytest.importorskip("loraplan.gpu_memory")
+    pytest.importorskip("loraplan.plan.memory")
     result = make_recommendation("code", 20_000, model=tiny["llama"], gpu_memory="80GiB", batch_size=2, seq_len=64)
     assert result.memory.total_bytes > 0 and result.fits is True
     assert any(r.choice == "memory" and "fits in 80.0 GiB" in r.text for r in result.plan.reasons)

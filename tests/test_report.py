@@ -18,7 +18,7 @@ import pytest
 
 import loraplan
 from loraplan.cli import main
-from loraplan.reporting import read_sweep
+from loraplan.sweeps.report import read_sweep
 
 # Llama-3.2-1B: 16 layers, hidden 2048, k/v 512 (8 kv heads × 64), MLP 8192. LoRA adds r·(in + out)
 # per Linear; DoRA adds one magnitude entry per output feature.
@@ -158,7 +158,7 @@ def adapter_analysis(tmp_path_factory) -> dict:
     from peft import LoraConfig, get_peft_model
     from tiny import make_model
 
-    from loraplan.analysis import analyze
+    from loraplan.adapter.analyze import analyze
 
     folder = tmp_path_factory.mktemp("adapter")
     model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],

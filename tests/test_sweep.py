@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from tiny import save_tiny_model
 
-from loraplan.ablation.runner import sweep
 from loraplan.cli import main
+from loraplan.sweeps.runner import sweep
 
 GRID = {"targets": ["q,v", "attention", "attention,mlp"], "r": [4], "alpha": ["r"]}
 FAST = {"training.max_steps": 6, "training.batch_size": 4, "training.eval_every": 3, "training.warmup_steps": 1,
@@ -61,7 +61,7 @@ def test_three_trials_write_the_ledger(workspace):
     assert "Recommended" in (out / "summary.md").read_text()
     assert (out / "report.html").exists()
     # trainable params recorded from the live adapter equal loraplan's exact count
-    from loraplan.counting import count
+    from loraplan.plan.count import count
 
     for r in result.results:
         assert r["trainable_params"] == count(model, targets=r["targets"], rank=4).trainable_params
@@ -75,10 +75,11 @@ def test_adapter_reloads_and_reproduces_its_eval_loss(workspace):
     import torch
     from peft import PeftModel
 
-    from loraplan.ablation.batches import eval_batches
-    from loraplan.ablation.engine import causal_lm_loss_sum, weighted_mean_sem
-    from loraplan.data import load_data
-    from loraplan.sources import load_model, load_tokenizer
+    from loraplan.autograd.lm_loss import causal_lm_loss_sum
+    from loraplan.data.batches import eval_batches
+    from loraplan.data.load import load_data
+    from loraplan.model.loading import load_model, load_tokenizer
+    from loraplan.sweeps.engine import weighted_mean_sem
 
     tokenizer = load_tokenizer(model)
     splits = load_data(str(root / "train.jsonl"), tokenizer, max_length=64, seed=0)
@@ -211,7 +212,7 @@ def test_from_file_adds_the_users_config_as_a_trial(workspace, tmp_path, capsys)
 
 
 def test_the_example_spec_is_valid():
-    from loraplan.ablation.spec import expand, load_spec
+    from loraplan.sweeps.spec import expand, load_spec
 
     spec = load_spec(Path(__file__).parents[1] / "examples" / "sweep.yaml")
     names = [t.name for t in expand(spec)]

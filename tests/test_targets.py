@@ -4,8 +4,13 @@ import pytest
 from tiny import make_model
 
 from loraplan.errors import UsageError
-from loraplan.structure import read_structure
-from loraplan.targets import format_layers, parse_layers, parse_spec, resolve_targets
+from loraplan.model.structure import read_structure
+from loraplan.model.targets import (
+    format_layers,
+    parse_layers,
+    parse_spec,
+    resolve_targets,
+)
 
 
 @pytest.fixture(scope="module")

@@ -68,8 +68,8 @@ class Config:
 def design(structure, qlora: bool, gpu_bytes: int | None) -> list[Config]:
     """Every (targets, rank, shape) once; checkpointing, DoRA (and double quant) chosen greedily so
     that every pair of factor values appears, preferring configs predicted to fit, then balance."""
-    from loraplan.gpu_memory import estimate_memory
-    from loraplan.plan import LoraPlan
+    from loraplan.plan.lora_plan import LoraPlan
+    from loraplan.plan.memory import estimate_memory
 
     targets = ("qv", "all-linear") if qlora else TARGETS
     shapes = SHAPES[:2] if qlora else SHAPES
@@ -159,7 +159,7 @@ def load_base(args, config_dict: dict, qlora: bool, double_quant: bool):
     import torch
     import transformers
 
-    from loraplan.sources import make_config
+    from loraplan.model.loading import make_config
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -213,9 +213,8 @@ def run_config(base, structure, cfg: Config, args, memory: Memory) -> dict:
     """Add the adapter, run the steps, remove the adapter: one row. A failure is recorded, not raised;
     `row["base_dirty"]` says the base must be loaded again."""
     import torch
+    from loraplan.plan.lora_plan import LoraPlan
     from peft import LoraConfig, get_peft_model
-
-    from loraplan.plan import LoraPlan
 
     plan = LoraPlan(targets=cfg.targets, r=cfg.r, use_dora=cfg.dora)
     memory.clean()
@@ -280,16 +279,17 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="print the design with its estimates, run nothing")
     args = p.parse_args()
 
-    from loraplan.counting import human_bytes
-    from loraplan.gpu_memory import estimate_memory
-    from loraplan.plan import LoraPlan
-    from loraplan.sources import read_config_dict
-    from loraplan.structure import build_structure
+    from loraplan.plan.count import human_bytes
+    from loraplan.plan.lora_plan import LoraPlan
+    from loraplan.plan.memory import estimate_memory
+
+    from loraplan.model.loading import read_config_dict
+    from loraplan.model.structure import build_structure
 
     model_id = "tiny" if args.tiny else MODELS[args.model]
     args.tag = ("tiny" if args.tiny else args.model) + ("_qlora" if args.qlora else "")
     config_dict = dict(TINY) if args.tiny else read_config_dict(model_id)[0]
-    from loraplan.sources import make_config
+    from loraplan.model.loading import make_config
 
     structure = build_structure(make_config(dict(config_dict)), source=model_id)
     capacity = None

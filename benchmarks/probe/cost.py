@@ -29,8 +29,8 @@ SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b"
 
 def synthetic_batches(count: int = 8) -> list:
     """`count` micro-batches of 8 sequences of 64–512 random tokens (the sweep benchmark's kind), seeded."""
-    from loraplan.ablation.batches import training_steps
-    from loraplan.data import TokenizedExample
+    from loraplan.data.batches import training_steps
+    from loraplan.data.load import TokenizedExample
 
     rng = random.Random(1)
     examples = []
@@ -44,9 +44,9 @@ def main() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `loraplan probe` sets it
     import torch
 
-    from loraplan.ablation.runner import package_versions
-    from loraplan.probing import _candidates, _WarmUp, probe_batches
-    from loraplan.sources import load_model, load_structure
+    from loraplan.model.loading import load_model, load_structure
+    from loraplan.probing.probe import _candidates, _WarmUp, probe_batches
+    from loraplan.sweeps.runner import package_versions
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-8b", choices=list(SHAPES))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 try:
-    import loraplan.probing  # noqa: F401  (the tree on PYTHONPATH, before cost.py puts this checkout's src first)
+    import loraplan.probing.probe  # noqa: F401  (the tree on PYTHONPATH, before cost.py puts this checkout's src first)
 except ImportError:
     pass
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,8 +28,8 @@ from cost import SHAPES, synthetic_batches  # noqa: E402  (the same shapes and b
 def main() -> None:
     import torch
 
-    import loraplan.probing as probing
-    from loraplan.sources import load_model, load_structure
+    import loraplan.probing.probe as probing
+    from loraplan.model.loading import load_model, load_structure
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-8b", choices=list(SHAPES))

@@ -11,8 +11,8 @@ Stages, each skipped when its output is already in --work (so a rerun resumes):
                  ~5% held out by whole topic, so eval text never appears in train)
   2. tokenizer   byte-level BPE trained on both corpora, saved in WORK/base/
   3. base        LlamaForCausalLM, random init, pretrained on packed 256-token windows of code
-  4. probe       loraplan.probing.probe on train.jsonl
-  5. sweep       loraplan.ablation.runner.sweep: q,v / attention / mlp / all-linear × r 4, 16 (alpha = r),
+  4. probe       loraplan.probing.probe.probe on train.jsonl
+  5. sweep       loraplan.sweeps.runner.sweep: q,v / attention / mlp / all-linear × r 4, 16 (alpha = r),
                  eval on eval.jsonl, ledger in WORK/sweep/
   6. compare     OUT/real_task.json and OUT/real_task.md (the table printed at the end)
 
@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from loraplan.ablation.ledger import write_atomic, write_json  # noqa: E402  (after the path)
+from loraplan.sweeps.folder import write_atomic, write_json  # noqa: E402  (after the path)
 
 SEQ = 256  # pretraining window, and the fine-tune max_length
 SEED = 0
@@ -226,7 +226,7 @@ def train_tokenizer(work: Path, vocab: int) -> dict:
     trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=[BOS, EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer, length=len(texts))
-    # BOS in front of every text, as Llama's tokenizer does; loraplan.data finds it by asking the tokenizer
+    # BOS in front of every text, as Llama's tokenizer does; loraplan.data.load finds it by asking the tokenizer
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, tok.token_to_id(BOS))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
@@ -351,12 +351,12 @@ def pretrain(work: Path, size: Size, steps: int, device: str) -> dict:
 def base_eval_loss(work: Path) -> dict:
     """The pretrained base's loss on the fine-tune eval set, measured as the sweep measures its trials."""
     import torch
+    from loraplan.data.batches import eval_batches
+    from loraplan.data.load import load_data
 
-    from loraplan.ablation.batches import eval_batches
-    from loraplan.ablation.engine import model_loss
-    from loraplan.ablation.selection import weighted_mean_sem
-    from loraplan.data import load_data
-    from loraplan.sources import load_model, load_tokenizer
+    from loraplan.model.loading import load_model, load_tokenizer
+    from loraplan.sweeps.engine import model_loss
+    from loraplan.sweeps.ranking import weighted_mean_sem
 
     base = str(work / "base")
     tokenizer = load_tokenizer(base)
@@ -378,7 +378,7 @@ def base_eval_loss(work: Path) -> dict:
 
 
 def run_probe(work: Path, size: Size) -> dict:
-    from loraplan.probing import probe
+    from loraplan.probing.probe import probe
 
     t0 = time.time()
     result = probe(str(work / "base"), str(work / "train.jsonl"), batches=size.probe_batches,
@@ -387,7 +387,7 @@ def run_probe(work: Path, size: Size) -> dict:
 
 
 def run_sweep(work: Path, steps: int, lr: float, probe_plan: dict | None) -> dict:
-    from loraplan.ablation.runner import sweep
+    from loraplan.sweeps.runner import sweep
 
     # micro-batches of 8 make the eval batches of 8 too: ~40 eval examples give 5-6 batches, enough
     # for the paired per-batch noise estimate that decides "within noise of the best"
@@ -425,8 +425,8 @@ def run_sweep(work: Path, steps: int, lr: float, probe_plan: dict | None) -> dic
 
 def compare(work: Path, probe_run: dict, sweep_run: dict) -> dict:
     """Role sets of the probe's plan and of the sweep's picks, resolved on the model, compared."""
-    from loraplan.sources import load_structure
-    from loraplan.targets import resolve_targets
+    from loraplan.model.loading import load_structure
+    from loraplan.model.targets import resolve_targets
 
     structure = load_structure(str(work / "base"))
 
@@ -561,7 +561,7 @@ def main() -> None:
                       lambda: run_sweep(work, sweep_steps, size.sweep_lr, probe_run["result"]["plan"]),
                       after=(pretraining, probe_run))
 
-    from loraplan.ablation.runner import package_versions
+    from loraplan.sweeps.runner import package_versions
 
     report = {
         "task": "pretrain a small Llama on the stdlib's .py sources; LoRA-fine-tune it on the reference manual's prose",

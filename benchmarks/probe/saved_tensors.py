@@ -25,11 +25,11 @@ def main() -> None:
     import torch
     from cost import SHAPES, synthetic_batches
 
-    from loraplan.ablation.runner import package_versions
-    from loraplan.lean_saves import lean_saved_tensors
-    from loraplan.lm_loss import lean_causal_lm_loss
-    from loraplan.probing import _attention_kernels, _candidates
-    from loraplan.sources import load_model, load_structure
+    from loraplan.autograd.lm_loss import lean_causal_lm_loss
+    from loraplan.autograd.saved_tensors import lean_saved_tensors
+    from loraplan.model.loading import load_model, load_structure
+    from loraplan.probing.probe import _attention_kernels, _candidates
+    from loraplan.sweeps.runner import package_versions
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-8b", choices=list(SHAPES))

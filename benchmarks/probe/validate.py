@@ -3,7 +3,7 @@ estimate within a factor of 2 of the planted rank?
 
     python benchmarks/probe/validate.py --out /tmp/probe_validation        # writes results.json + RESULTS.md here
 
-Each case writes a planted task (src/loraplan/planted.py: a 4-layer 128-wide Llama, the teacher = base
+Each case writes a planted task (src/loraplan/sweeps/planted.py: a 4-layer 128-wide Llama, the teacher = base
 + a rank-k update on the planted roles, 2000 sequences from the teacher) and probes it with 16 batches of
 32 sequences. Failures are reported, not hidden.
 """
@@ -27,8 +27,8 @@ CASES = ([("mlp", r, 1.0) for r in (1, 2, 4, 8, 16)]
 
 
 def main() -> None:
-    from loraplan.planted import PlantedSpec, make_planted_task
-    from loraplan.probing import probe
+    from loraplan.probing.probe import probe
+    from loraplan.sweeps.planted import PlantedSpec, make_planted_task
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)

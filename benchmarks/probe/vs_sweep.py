@@ -25,8 +25,8 @@ TRAINING = {"training.max_steps": 200, "training.batch_size": 16, "training.lear
 
 
 def main() -> None:
-    from loraplan.ablation.runner import sweep
-    from loraplan.probing import probe
+    from loraplan.probing.probe import probe
+    from loraplan.sweeps.runner import sweep
 
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", required=True)

@@ -35,11 +35,11 @@ def tiny_model(folder: Path) -> str:
 
 def main() -> None:
     import torch
+    from loraplan.data.batches import eval_batches, training_steps
 
-    from loraplan.ablation.batches import eval_batches, training_steps
-    from loraplan.ablation.engine import PeftEngine
-    from loraplan.ablation.ledger import SweepLedger, now
-    from loraplan.ablation.spec import SweepSpec, TrainingSettings, expand
+    from loraplan.sweeps.engine import PeftEngine
+    from loraplan.sweeps.folder import SweepLedger, now
+    from loraplan.sweeps.spec import SweepSpec, TrainingSettings, expand
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-1b", choices=[*SHAPES, "tiny"])
@@ -66,7 +66,7 @@ def main() -> None:
     def data(n, seed):
         """The seed script's data(): the same RNG calls, so the same token sequences."""
         rng = random.Random(seed)
-        from loraplan.data import TokenizedExample
+        from loraplan.data.load import TokenizedExample
 
         items = []
         for _ in range(n):
@@ -114,10 +114,11 @@ def profile(engine, trial, steps, ledger_dir: Path, out: Path, shape: str) -> No
     """Where the time goes in 5 training steps of a throwaway copy of `trial` (after one warm-up
     step): the top operators by self device time (CPU time without a GPU)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
-    from loraplan.ablation.ledger import TrialRecorder
-    from loraplan.ablation.spec import Trial
+    from loraplan.sweeps.folder import TrialRecorder
+    from loraplan.sweeps.spec import Trial
 
     state = engine.start(Trial(name="_profile", plan=trial.plan), TrialRecorder(ledger_dir / "_profile", "_profile"), {})
     engine._train_step(state, steps[0])

@@ -12,7 +12,7 @@ examples:
 
 from __future__ import annotations
 
-from ..counting import human_count
+from ..plan.count import human_count
 from .render import add_trust_and_json_arguments, emit_json, table
 
 
@@ -28,7 +28,7 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..analysis import ENERGY_LEVELS, analyze
+    from ..adapter.analyze import ENERGY_LEVELS, analyze
 
     result = analyze(args.adapter, base=args.base, compare=args.compare, trust_remote_code=args.trust_remote_code)
     if args.json:

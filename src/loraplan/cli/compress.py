@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from ..counting import human_bytes, human_count
+from ..plan.count import human_bytes, human_count
 from .count import positive_int
 from .render import emit_json, table
 
@@ -42,7 +42,7 @@ def _share(text: str) -> float:
 
 
 def run(args) -> int:
-    from ..compression import compress
+    from ..adapter.compress import compress
 
     result = compress(args.adapter, args.out, rank=args.rank, energy=args.energy, overwrite=args.overwrite)
     if args.json:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from argparse import ArgumentTypeError
 
-from ..counting import CountResult, human_bytes, rank_table
 from ..errors import UsageError
-from ..plan import LoraPlan
+from ..plan.count import CountResult, human_bytes, rank_table
+from ..plan.lora_plan import LoraPlan
 from .render import add_model_arguments, emit_json, num, table
 
 
@@ -72,7 +72,7 @@ def add_plan_arguments(parser, default_targets: str | None = "all-linear"):
 
 def plan_from_args(args) -> LoraPlan:
     """The plan the flags describe: --from FILE's values, overridden by every flag given."""
-    from ..config_files import read_plan_fields
+    from ..plan.read_config import read_plan_fields
 
     fields = read_plan_fields(args.from_file) if getattr(args, "from_file", None) else {}
     saved = None
@@ -93,7 +93,7 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..sources import load_structure
+    from ..model.loading import load_structure
 
     if args.rank is not None and args.ranks:
         raise UsageError("give --rank or --ranks, not both")

@@ -19,8 +19,8 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..ablation.runner import RESULT_HEADERS, result_rows
-    from ..demo import run_demo
+    from ..sweeps.demo import run_demo
+    from ..sweeps.runner import RESULT_HEADERS, result_rows
 
     echo = (lambda *a, **k: None) if args.json else print
     result = run_demo(args.out, progress=not args.json, echo=echo)

@@ -8,7 +8,7 @@ examples:
 
 from __future__ import annotations
 
-from ..counting import human_count
+from ..plan.count import human_count
 from .render import add_model_arguments, emit_json, table
 
 
@@ -19,7 +19,7 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..inspection import inspect
+    from ..model.inspect import inspect
 
     result = inspect(args.model, trust_remote_code=args.trust_remote_code)
     if args.json:

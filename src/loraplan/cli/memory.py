@@ -16,9 +16,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..counting import human_bytes
 from ..errors import UsageError
-from ..gpu_memory import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, MemoryEstimate, estimate_memory, parse_size
+from ..plan.count import human_bytes
+from ..plan.memory import (
+    ALLOCATOR_MARGIN,
+    CUDA_CONTEXT_BYTES,
+    MemoryEstimate,
+    estimate_memory,
+    parse_size,
+)
 from .count import add_plan_arguments, plan_from_args
 from .render import add_model_arguments, emit_json, table
 
@@ -66,7 +72,7 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..sources import load_structure
+    from ..model.loading import load_structure
 
     # argparse would turn a converter's error into "invalid value": check here, one line with a hint
     batch = _positive(args.batch_size, "batch size", "--batch-size 4")

@@ -15,7 +15,7 @@ from .render import add_trust_and_json_arguments, emit_json
 
 
 def register(parser):
-    from ..sources import DTYPES
+    from ..model.loading import DTYPES
 
     parser.add_argument("model", metavar="MODEL", help="the base model: a folder or Hub id (safetensors weights)")
     parser.add_argument("adapter", metavar="ADAPTER", help="a PEFT adapter folder or a loraplan trial folder")
@@ -27,7 +27,7 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..merging import merge
+    from ..adapter.merge import merge
 
     result = merge(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
                    trust_remote_code=args.trust_remote_code)

@@ -32,7 +32,7 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..planted import PlantedSpec, make_planted_task
+    from ..sweeps.planted import PlantedSpec, make_planted_task
 
     spec = PlantedSpec(targets=args.targets, rank=args.rank, strength=args.strength, layers=args.layers,
                        hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab,

@@ -42,8 +42,8 @@ def run(args) -> int:
     # cache does not fragment. Measured on the H100 (8B): batches that ran out of memory with 4.45 GiB
     # cached in unusable pieces fit with it, at the same speed. A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from ..gpu_memory import parse_size
-    from ..probing import probe
+    from ..plan.memory import parse_size
+    from ..probing.probe import probe
 
     max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     result = probe(args.model, args.data, targets=args.targets, batches=args.batches, batch_size=args.batch_size,

@@ -24,7 +24,7 @@ import sys
 import textwrap
 
 from ..errors import UsageError
-from ..export import FORMATS
+from ..plan.export import FORMATS
 from .render import emit_json, table
 
 
@@ -81,8 +81,8 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..export import export_plan
-    from ..recommendation import TASK_ALIASES, TASKS, make_recommendation
+    from ..plan.export import export_plan
+    from ..plan.recommend import TASK_ALIASES, TASKS, make_recommendation
 
     fmt = _format(args)
     if args.model and args.model.lower() in set(TASKS) | set(TASK_ALIASES) and "/" not in args.model:
@@ -139,7 +139,7 @@ def _command(args, fmt: str) -> str:
 
 
 def _print_text(result) -> None:
-    from ..recommendation import QUADRANTS, size_bucket
+    from ..plan.recommend import QUADRANTS, size_bucket
 
     plan, task = result.plan, result.task
     behavior, knowledge = QUADRANTS[task.quadrant]

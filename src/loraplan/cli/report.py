@@ -23,7 +23,7 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..reporting import read_sweep, write_report
+    from ..sweeps.report import read_sweep, write_report
 
     sweep = read_sweep(args.sweep_dir)
     out, images = write_report(sweep, args.out)

@@ -50,7 +50,7 @@ def register(parser):
 
 
 def overrides_from_args(args) -> dict:
-    from ..ablation.spec import parse_grid_flag
+    from ..sweeps.spec import parse_grid_flag
 
     out = {
         "data.format": args.format, "data.max_length": args.max_length, "data.max_examples": args.max_examples,
@@ -66,8 +66,8 @@ def overrides_from_args(args) -> dict:
 
 
 def run(args) -> int:
-    from ..ablation.runner import RESULT_HEADERS, result_rows, sweep
-    from ..counting import human_bytes, human_count
+    from ..plan.count import human_bytes, human_count
+    from ..sweeps.runner import RESULT_HEADERS, result_rows, sweep
 
     result = sweep(args.model, args.data, eval=args.eval, config=args.config, out=args.out,
                    overrides=overrides_from_args(args), from_file=args.from_file, from_probe=args.from_probe,

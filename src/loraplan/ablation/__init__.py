@@ -1,1 +1,0 @@
-"""The ablation sweep: spec, batches, engine, ledger, selection and the runner that ties them."""

@@ -1,0 +1,102 @@
+"""`loraplan inspect`: every adaptable module of a model, grouped by pattern, with its role, shape
+and the exact name to put in PEFT's `target_modules`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from .roles import ROLES
+from .structure import ModelStructure, ModuleInfo
+from .targets import GROUPS, format_layers, peft_arguments, resolve_targets
+
+
+@dataclass(frozen=True)
+class ModuleGroup:
+    pattern: str
+    role: str
+    guess: str | None
+    cls: str
+    kind: str
+    in_features: int
+    out_features: int
+    experts: int
+    count: int
+    params: int  # weights (and biases) of all modules in the group
+    peft_name: str  # what selects exactly this group in target_modules / target_parameters
+    layers: str  # "0-31", or "" outside the layer stack
+    tied: bool = False
+    shape: str = ""  # "in→out", "E×in→out" for experts
+
+
+@dataclass
+class Inspection:
+    structure: ModelStructure
+    groups: list[ModuleGroup]
+    roles: dict[str, list[str]]  # role or group -> PEFT names
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_params(self) -> int:
+        return self.structure.total_params
+
+    def to_json(self) -> dict:
+        s = self.structure
+        return {
+            "model": s.source,
+            "architecture": s.architecture,
+            "model_type": s.model_type,
+            "total_params": s.total_params,
+            "num_layers": s.num_layers,
+            "tied_embeddings": s.tied_embeddings,
+            "modules": [vars(g) for g in self.groups],
+            "target_modules_by_role": self.roles,
+            "notes": self.notes,
+        }
+
+
+def inspect(model, trust_remote_code: bool = False) -> Inspection:
+    """The adaptable modules of MODEL: `loraplan inspect` as a function."""
+    from .loading import load_structure
+
+    structure = load_structure(model, trust_remote_code=trust_remote_code)
+    return inspect_structure(structure)
+
+
+def inspect_structure(structure: ModelStructure) -> Inspection:
+    by_pattern: dict[str, list[ModuleInfo]] = {}
+    for m in structure.modules:
+        by_pattern.setdefault(m.pattern, []).append(m)
+    groups = []
+    for pattern, members in by_pattern.items():
+        first = members[0]
+        names, params = peft_arguments(structure, members, None)
+        peft_name = params[0] if first.is_parameter and params else (
+            names if isinstance(names, str) else ", ".join(names))
+        layers = sorted({m.layer for m in members if m.layer is not None})
+        weight = sum(m.weight_numel + m.bias for m in members)
+        tied = any(f"{m.name}.weight" in structure.tied for m in members)
+        groups.append(ModuleGroup(
+            pattern=pattern, role=first.role, guess=first.guess, cls=first.cls, kind=first.kind,
+            in_features=first.in_features, out_features=first.out_features, experts=first.experts,
+            count=len(members), params=0 if tied else weight, peft_name=peft_name,
+            layers=format_layers(layers) if layers else "", tied=tied, shape=first.shape_text))
+    roles: dict[str, list[str]] = {}
+    for key in [r for r in ROLES if r != "other"] + list(GROUPS) + ["all-linear"]:
+        try:
+            resolved = resolve_targets(structure, key)
+        except UsageError:
+            continue
+        names = resolved.target_modules
+        roles[key] = ([names] if isinstance(names, str) else list(names)) + list(resolved.target_parameters)
+    notes = []
+    if structure.tied_embeddings:
+        notes.append(f"{structure.output_embeddings} shares its weight with {structure.input_embeddings} "
+                     "(tied embeddings): counted once")
+    if any(g.role == "experts" for g in groups):
+        notes.append("MoE experts are parameters: PEFT adapts them through target_parameters "
+                     "(no DoRA, lora_dropout must be 0)")
+    if structure.moe_renames:
+        renamed = ", ".join(structure.moe_renames["renames"])
+        notes.append(f"PEFT rewrites the v4 names {renamed} to the fused expert parameters on this model")
+    return Inspection(structure=structure, groups=groups, roles=roles, notes=notes)

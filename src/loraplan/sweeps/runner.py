@@ -1,0 +1,376 @@
+"""`loraplan sweep`: spec -> pre-flight -> data -> ledger -> engine -> ranking -> report.
+
+Everything that can be wrong with the input (targets that do not exist, a bad spec, unreadable data)
+is found before the model loads. The schedule is here (one trial after another, or successive
+halving); the engine trains, the ledger records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from ..data.batches import eval_batches, training_steps
+from ..errors import UsageError
+from ..plan.count import count_plan, human_bytes, human_count
+from .engine import PeftEngine
+from .folder import (
+    LEDGER_FORMAT,
+    SweepLedger,
+    now,
+    read_json,
+    spec_hash,
+    write_atomic,
+    write_json,
+)
+from .ranking import summarize
+from .spec import SweepSpec, Trial, alpha_warnings, expand, load_spec
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    trials: list[Trial]
+    results: list[dict]
+    summary: dict
+    warnings: list[str]
+    dry_run: bool = False
+    preview: list[dict] | None = None
+    data: list[str] | None = None  # one line per split: examples, tokens, truncated, dropped
+
+    def to_json(self) -> dict:
+        return {"out": str(self.out), "summary": self.summary, "warnings": self.warnings,
+                "results": [{k: v for k, v in r.items() if k != "eval_batches"} for r in self.results],
+                "preview": self.preview}
+
+
+def package_versions(packages: tuple[str, ...] = ("loraplan", "torch", "transformers", "peft", "accelerate")) -> dict:
+    """Python's and these packages' versions (None for one not installed): what a result was made with."""
+    out = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _fingerprint(path: str | None) -> str | None:
+    """Size, mtime and the first MiB of a data file: a resumed sweep must train on the same data."""
+    if not path or not Path(path).is_file():
+        return path
+    p = Path(path)
+    stat = p.stat()
+    with open(p, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return f"{stat.st_size}:{head}"
+
+
+def preflight(spec: SweepSpec, model: str, trials: list[Trial]) -> tuple[object, list[dict]]:
+    """Resolve every trial against the model before anything loads; all problems reported at once."""
+    from ..model.loading import load_structure
+
+    structure = load_structure(model, trust_remote_code=spec.trust_remote_code)
+    problems, preview = [], []
+    for t in trials:
+        try:
+            kwargs = t.plan.to_peft_kwargs(structure)
+            counted = count_plan(structure, t.plan)
+        except UsageError as e:
+            hint = (e.hint or "").split("?")[0] + "?" if (e.hint or "").startswith("did you mean") else ""
+            problems.append(f"{t.name}: {e.message}" + (f" ({hint})" if hint else ""))
+            continue
+        row = {"name": t.name, "targets": t.plan.targets, "r": t.plan.r, "lora_alpha": t.plan.alpha,
+               "use_rslora": t.plan.use_rslora, "use_dora": t.plan.use_dora,
+               "loraplus_lr_ratio": t.plan.loraplus_lr_ratio, "trainable_params": counted.trainable_params,
+               "target_modules": kwargs["target_modules"]}
+        row["memory_bytes"] = _memory_estimate(structure, t, spec)
+        preview.append(row)
+    if problems:
+        raise UsageError(f"{len(problems)} trial{'s' if len(problems) > 1 else ''} cannot run on {structure.architecture}: "
+                         + "; ".join(problems), "fix the targets in the spec (see `loraplan inspect MODEL`)")
+    return structure, preview
+
+
+def _memory_estimate(structure, trial: Trial, spec: SweepSpec) -> int | None:
+    try:
+        from ..plan.memory import estimate_memory
+    except ImportError:
+        return None
+    t = spec.training
+    try:
+        est = estimate_memory(structure, trial.plan, t.micro_batch_size or t.batch_size, spec.data.max_length,
+                              dtype="bf16" if t.dtype == "auto" else t.dtype, quant=t.quantization,
+                              grad_ckpt=t.grad_ckpt)
+    except (UsageError, ValueError, KeyError, TypeError):
+        return None
+    return est.total_bytes
+
+
+def sweep(model: str | None = None, data: str | None = None, *, eval: str | None = None,
+          config: str | Path | None = None, out: str | Path = "sweep", overrides: dict | None = None,
+          from_file: str | Path | None = None, from_probe: str | Path | None = None, dry_run: bool = False,
+          progress: bool = True, random_init: bool = False) -> SweepResult:
+    """Run (or resume) a sweep: `loraplan sweep` as a function. `from_file` adds an existing config
+    (PEFT adapter_config.json, axolotl / LLaMA-Factory YAML) as one more trial."""
+    overrides = dict(overrides or {})
+    overrides.setdefault("model", model)
+    overrides.setdefault("data.train", data)
+    overrides.setdefault("data.eval", eval)
+    probe_data = None
+    if from_probe is not None:
+        probe_data = _read_probe(from_probe)
+        if overrides.get("grid") or overrides.get("trials"):
+            raise UsageError("give either --grid/trials or --from-probe", "--from-probe builds the grid around the probe's plan")
+        overrides["grid"] = grid_from_probe(probe_data)
+    spec = load_spec(config, overrides)
+    if from_file is not None:
+        spec = with_trial_from_file(spec, from_file)
+    if not spec.model:
+        raise UsageError("no model given", "loraplan sweep MODEL --data FILE")
+    if not spec.data.train:
+        raise UsageError("no training data given", "--data FILE (JSONL, JSON, CSV, parquet or a Hub dataset)")
+    trials = expand(spec)
+    warnings = alpha_warnings(trials)
+    structure, preview = preflight(spec, spec.model, trials)
+    out = Path(out)
+    if dry_run:
+        return SweepResult(out, trials, [], {}, warnings, dry_run=True, preview=preview)
+
+    from ..data.load import load_data
+    from ..model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    d = spec.data
+    splits = load_data(d.train, tokenizer, eval=d.eval, fmt=d.format, max_length=d.max_length,
+                       eval_fraction=d.eval_fraction, seed=spec.training.seed, max_examples=d.max_examples)
+    canonical = spec.model_dump(mode="json")
+    canonical["data"]["train_fingerprint"] = _fingerprint(d.train)
+    canonical["data"]["eval_fingerprint"] = _fingerprint(d.eval)
+    environment = package_versions()
+    header = {
+        "format": LEDGER_FORMAT,
+        "loraplan": environment["loraplan"],
+        "created": now(),
+        "model": spec.model,
+        "spec": canonical,
+        "spec_hash": spec_hash(canonical),
+        "environment": environment,
+        "data": {"train": d.train, "eval": d.eval or splits.eval_source, "format": splits.train_summary.format,
+                 "train_examples": len(splits.train), "eval_examples": len(splits.eval),
+                 "train_tokens": splits.train_summary.tokens, "truncated": splits.train_summary.truncated,
+                 "dropped": splits.train_summary.dropped, "max_length": d.max_length},
+        "warnings": warnings,
+    }
+    ledger = SweepLedger(out)
+    done = set(ledger.open(header, [t.name for t in trials]))
+    if probe_data is not None:
+        write_json(out / "probe.json", probe_data)  # the report shows the probe next to the sweep
+    pending = [t for t in trials if t.name not in done]
+    t = spec.training
+    steps = training_steps(splits.train, t.max_steps, t.batch_size, t.micro_batch_size, t.seed)
+    eval_examples = splits.eval[: t.max_eval_examples] if t.max_eval_examples else splits.eval
+    eval_set = eval_batches(eval_examples, t.micro_batch_size or t.batch_size)
+    bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
+    if pending:
+        engine = PeftEngine(spec.model, t, trust_remote_code=spec.trust_remote_code, random_init=random_init)
+        engine.load(tokenizer.pad_token_id)
+        header["environment"]["device"] = engine.device_name()
+        header["environment"]["dtype"] = engine.dtype_name
+        write_json(out / "sweep.json", {**read_json(out / "sweep.json"), "environment": header["environment"]})
+        training = t.model_dump(mode="json")
+        try:
+            if spec.halving.enabled and len(pending) > 1:
+                _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars)
+            else:
+                for trial in pending:
+                    state = engine.start(trial, ledger.recorder(trial.name), training)
+                    bars.trial(trial.name)
+                    engine.advance([state], steps, t.max_steps, eval_set, t.eval_every, bars.step)
+                    bars.done(engine.finish(state))
+        finally:
+            engine.close()
+            bars.close()
+    results = ledger.results()
+    summary = summarize(results)
+    summary["warnings"] = warnings
+    write_outputs(out, results, summary, ledger)
+    return SweepResult(out, trials, results, summary, warnings,
+                       data=[splits.train_summary.describe(), f"eval ({splits.eval_source}): "
+                             + splits.eval_summary.describe()])
+
+
+def _read_probe(path: str | Path) -> dict:
+    try:
+        data = read_json(Path(path))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the probe result {path}: {e}", "write it with `loraplan probe … --out probe.json`") from None
+    if not isinstance(data, dict) or not data.get("plan"):
+        raise UsageError(f"{path} holds no probe plan", "write it with `loraplan probe … --out probe.json`")
+    return data
+
+
+def grid_from_probe(data: dict) -> dict:
+    """The probe's plan, half and twice its rank, next to every linear layer at the same ranks."""
+    plan = data["plan"]
+    r = int(plan["r"])
+    return {"targets": list(dict.fromkeys([plan["targets"], "all-linear"])),
+            "r": sorted({max(1, r // 2), r, 2 * r}), "alpha": ["r"]}
+
+
+def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
+    """The spec plus the config in PATH as a trial named `from_<file>` (with the seeds' grid when the
+    spec names no trials of its own)."""
+    from ..plan.read_config import read_plan_fields
+    from .spec import TrialSpec, seed_grid
+
+    fields = read_plan_fields(path)
+    unsupported = {k: v for k, v in fields.items()
+                   if k in ("bias", "modules_to_save", "rank_pattern", "alpha_pattern", "lora_bias") and v}
+    if unsupported:
+        raise UsageError(f"{path}: the sweep does not vary {', '.join(unsupported)}",
+                         "remove them from the file, or count/train that config outside the sweep")
+    keep = ("targets", "r", "lora_alpha", "use_rslora", "use_dora", "loraplus_lr_ratio", "lora_dropout", "layers")
+    trial = TrialSpec(name=f"from_{Path(path).stem}", **{k: v for k, v in fields.items() if k in keep and v is not None})
+    base = list(spec.trials or []) or ([] if spec.grid is not None else seed_grid())
+    return spec.model_copy(update={"trials": base + [trial]})
+
+
+def _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars) -> None:
+    """Successive halving (Jamieson & Talwalkar 2016): every live trial trains to the next rung;
+    the best 1/eta go on, the rest stop as `pruned` with their adapter and curves kept."""
+    t, h = spec.training, spec.halving
+    rungs = sorted({max(1, math.ceil(t.max_steps / h.eta ** k)) for k in range(h.rungs)})
+    states = []
+    for trial in pending:
+        states.append(engine.start(trial, ledger.recorder(trial.name), training))
+    for i, rung in enumerate(rungs):
+        live = [s for s in states if s.status is None]
+        for s in live:
+            bars.trial(f"{s.name} (rung {i + 1}/{len(rungs)}: step {rung})")
+            engine.advance([s], steps, rung, eval_set, t.eval_every, bars.step)
+        for s in states:
+            if s.status is not None and not s.recorder.folder.joinpath("result.json").exists():
+                bars.done(engine.finish(s))
+        live = sorted((s for s in states if s.status is None),
+                      key=lambda s: (s.last_eval or {}).get("eval_loss") or math.inf)
+        if rung == rungs[-1]:
+            for s in live:
+                bars.done(engine.finish(s))
+            break
+        keep = max(1, math.ceil(len(live) / h.eta))
+        for s in live[keep:]:
+            loss = (s.last_eval or {}).get("eval_loss")
+            bars.done(engine.finish(s, "pruned", f"stopped at step {s.step} by successive halving "
+                                                 f"(eval loss {loss:.4f}, not in the best {keep} of {len(live)})"))
+
+
+def write_outputs(out: Path, results: list[dict], summary: dict, ledger: SweepLedger) -> None:
+    write_json(out / "summary.json", summary)
+    ledger.write_results_csv(results)
+    write_atomic(out / "summary.md", summary_markdown(read_json(out / "sweep.json"), results, summary))
+    from .report import report
+
+    report(out)  # report.html, and the plots as PNG in plots/ (eval loss vs rank among them)
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return format(x, spec) if isinstance(x, int | float) and math.isfinite(x) else "—"
+
+
+def result_rows(results: list[dict], summary: dict) -> list[list[str]]:
+    order = {n: i for i, n in enumerate(summary.get("ranking", []))}
+    ranked = sorted(results, key=lambda r: (order.get(r["name"], len(order)), r["name"]))
+    rows = []
+    for r in ranked:
+        info = summary.get("trials", {}).get(r["name"], {})
+        mark = "◀ recommended" if r["name"] == summary.get("recommended") else (
+            "best" if r["name"] == summary.get("best") else "")
+        delta = "" if not info else ("0" if r["name"] == summary.get("best") else
+                                     f"+{info['delta']:.4f}" + ("" if info["within_noise"] else " *"))
+        loss = (f"{_fmt(r.get('eval_loss'))} ± {_fmt(r.get('eval_loss_sem'))}" if r.get("status") == "completed"
+                else r.get("status", "?"))
+        rows.append([r["name"], r["targets"], r["r"], f"{r['lora_alpha']:g}", "✓" if r.get("use_rslora") else "",
+                     "✓" if r.get("use_dora") else "", human_count(r["trainable_params"]) if r.get("trainable_params") else "—",
+                     loss, delta, _fmt(r.get("train_loss")), _fmt(r.get("wall_s"), ".1f"),
+                     _fmt(r.get("tokens_per_s"), ",.0f"),
+                     human_bytes(r["peak_memory_bytes"]) if r.get("peak_memory_bytes") else "—", mark])
+    return rows
+
+
+RESULT_HEADERS = ["trial", "targets", "r", "alpha", "rsLoRA", "DoRA", "params", "eval loss ± sem", "Δ best",
+                  "train loss", "time s", "tok/s", "peak mem", ""]
+
+
+def summary_markdown(header: dict, results: list[dict], summary: dict) -> str:
+    lines = [f"# LoRA sweep: {header.get('model')}", ""]
+    data = header.get("data", {})
+    env = header.get("environment", {})
+    lines.append(f"Data: {data.get('train')} ({data.get('format')}, {data.get('train_examples')} train / "
+                 f"{data.get('eval_examples')} eval examples). Device: {env.get('device', '?')} "
+                 f"({env.get('dtype', '?')}); torch {env.get('torch')}, transformers {env.get('transformers')}, "
+                 f"peft {env.get('peft')}.")
+    training = header.get("spec", {}).get("training", {})
+    lines.append(f"Training per trial: {training.get('max_steps')} steps × batch {training.get('batch_size')}, "
+                 f"lr {training.get('learning_rate')}, {training.get('scheduler')} schedule, seed {training.get('seed')}.")
+    lines += ["", "| " + " | ".join(RESULT_HEADERS) + " |", "|" + "---|" * len(RESULT_HEADERS)]
+    for row in result_rows(results, summary):
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    lines.append("")
+    if summary.get("recommended"):
+        lines.append(f"**Recommended: {summary['recommended']}** — {summary['reason']}.")
+        lines.append("")
+        lines.append(f"Noise: {summary.get('noise_method')}. `*` marks a trial outside the noise of the best.")
+    else:
+        lines.append(f"No recommendation: {summary.get('reason')}.")
+    for name, status in summary.get("failed", {}).items():
+        message = next((r.get("message") for r in results if r["name"] == name), "")
+        lines.append(f"- {name}: {status} — {message}")
+    for w in summary.get("warnings", []):
+        lines.append(f"- warning: {w}")
+    return "\n".join(lines) + "\n"
+
+
+class _Progress:
+    """One bar for the sweep, one for the current trial (with its loss); on stderr; off with --json."""
+
+    def __init__(self, total: int, done: int, steps: int, enabled: bool):
+        self.enabled = enabled and sys.stderr is not None
+        self.steps = steps
+        self.outer = self.inner = None
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm
+            self.outer = tqdm(total=total, initial=done, desc="sweep", unit="trial", position=0, leave=True)
+
+    def trial(self, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.inner is not None:
+            self.inner.close()
+        self.inner = self._tqdm(total=self.steps, desc=name, unit="step", position=1, leave=False)
+
+    def step(self, state) -> None:
+        if self.inner is not None:
+            self.inner.n = state.step
+            loss = state.losses[-1] if state.losses else float("nan")
+            ev = (state.last_eval or {}).get("eval_loss")
+            self.inner.set_postfix_str(f"loss {loss:.4f}" + (f" eval {ev:.4f}" if ev else ""), refresh=True)
+
+    def done(self, result: dict) -> None:
+        if self.outer is not None:
+            self.outer.update(1)
+            self.outer.write(f"{result['name']}: {result['status']}" + (
+                f", eval loss {result['eval_loss']:.4f}" if result.get("eval_loss") is not None else "")
+                + (f" ({result['message']})" if result.get("message") else ""))
+
+    def close(self) -> None:
+        for bar in (self.inner, self.outer):
+            if bar is not None:
+                bar.close()
