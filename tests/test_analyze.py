@@ -19,7 +19,7 @@ from loraplan.adapter.analyze import (
     stable_rank,
     subspace_similarity,
 )
-from loraplan.adapter.files import read_adapter
+from loraplan.adapter.folder import read_adapter
 from loraplan.cli import main
 
 

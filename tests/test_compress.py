@@ -11,7 +11,7 @@ from test_analyze import _one_line_error, peft_deltas, run_cli, save_adapter
 from tiny import make_model, make_tokenizer
 
 from loraplan.adapter.compress import compress
-from loraplan.adapter.files import read_adapter
+from loraplan.adapter.folder import read_adapter
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

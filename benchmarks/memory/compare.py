@@ -39,12 +39,12 @@ def read_rows(paths: list[Path]) -> list[dict]:
 
 
 def estimate_row(row: dict, structures: dict):
-    from loraplan.plan.lora_plan import LoraPlan
-    from loraplan.plan.memory import estimate_memory
     from measure import TINY
 
     from loraplan.model.loading import load_structure, make_config
     from loraplan.model.structure import build_structure
+    from loraplan.plan.lora_plan import LoraPlan
+    from loraplan.plan.memory import estimate_memory
 
     model = row["model"]
     if model not in structures:

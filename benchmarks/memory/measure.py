@@ -213,8 +213,9 @@ def run_config(base, structure, cfg: Config, args, memory: Memory) -> dict:
     """Add the adapter, run the steps, remove the adapter: one row. A failure is recorded, not raised;
     `row["base_dirty"]` says the base must be loaded again."""
     import torch
-    from loraplan.plan.lora_plan import LoraPlan
     from peft import LoraConfig, get_peft_model
+
+    from loraplan.plan.lora_plan import LoraPlan
 
     plan = LoraPlan(targets=cfg.targets, r=cfg.r, use_dora=cfg.dora)
     memory.clean()
@@ -279,12 +280,11 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="print the design with its estimates, run nothing")
     args = p.parse_args()
 
+    from loraplan.model.loading import read_config_dict
+    from loraplan.model.structure import build_structure
     from loraplan.plan.count import human_bytes
     from loraplan.plan.lora_plan import LoraPlan
     from loraplan.plan.memory import estimate_memory
-
-    from loraplan.model.loading import read_config_dict
-    from loraplan.model.structure import build_structure
 
     model_id = "tiny" if args.tiny else MODELS[args.model]
     args.tag = ("tiny" if args.tiny else args.model) + ("_qlora" if args.qlora else "")

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from loraplan.sweeps.folder import write_atomic, write_json  # noqa: E402  (after the path)
+from loraplan.files import write_atomic, write_json  # noqa: E402  (after the path)
 
 SEQ = 256  # pretraining window, and the fine-tune max_length
 SEED = 0
@@ -351,9 +351,9 @@ def pretrain(work: Path, size: Size, steps: int, device: str) -> dict:
 def base_eval_loss(work: Path) -> dict:
     """The pretrained base's loss on the fine-tune eval set, measured as the sweep measures its trials."""
     import torch
+
     from loraplan.data.batches import eval_batches
     from loraplan.data.load import load_data
-
     from loraplan.model.loading import load_model, load_tokenizer
     from loraplan.sweeps.engine import model_loss
     from loraplan.sweeps.ranking import weighted_mean_sem

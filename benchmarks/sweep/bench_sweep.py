@@ -35,8 +35,8 @@ def tiny_model(folder: Path) -> str:
 
 def main() -> None:
     import torch
-    from loraplan.data.batches import eval_batches, training_steps
 
+    from loraplan.data.batches import eval_batches, training_steps
     from loraplan.sweeps.engine import PeftEngine
     from loraplan.sweeps.folder import SweepLedger, now
     from loraplan.sweeps.spec import SweepSpec, TrainingSettings, expand

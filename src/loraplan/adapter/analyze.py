@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import UsageError, listing
 from ..model.roles import ROLES
-from .files import AdaptedWeight, Adapter, check_fits, read_adapter
+from .folder import AdaptedWeight, Adapter, check_fits, read_adapter
 
 ENERGY_LEVELS = (0.9, 0.95, 0.99)
 # "uses k directions": the energy rank at 90% in 90% of the weights (a nearest-rank percentile),

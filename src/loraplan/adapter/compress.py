@@ -30,16 +30,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from ..files import prepare_output, publish, staging_folder
 from .analyze import energy_rank, iter_delta_svd, retained_energy
-from .files import (
+from .folder import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdaptedWeight,
     companion_files,
-    prepare_output,
-    publish,
     read_adapter,
-    staging_folder,
 )
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import RunError, UsageError
-from .files import check_fits, prepare_output, publish, read_adapter, staging_folder
+from ..files import prepare_output, publish, staging_folder
+from .folder import check_fits, read_adapter
 
 # Largest |merged − base+adapter| logit difference accepted, relative to the largest |logit|.
 # fp32 merges agree to rounding; fp16/bf16 round W + ΔW to 11/8 significant bits once per weight,

@@ -14,8 +14,7 @@ examples:
 
 from __future__ import annotations
 
-import json
-
+from ..files import write_json
 from .count import positive_int
 from .render import add_model_arguments, emit_json, table
 
@@ -51,8 +50,7 @@ def run(args) -> int:
                    trust_remote_code=args.trust_remote_code, progress=not args.json, max_memory=max_memory)
     data = result.to_json()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(data, f, indent=2)
+        write_json(args.out, data)
     if args.json:
         emit_json(data)
         return 0

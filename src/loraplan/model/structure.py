@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import write_json
 
 STRUCTURE_FORMAT = 1
 
@@ -241,9 +242,7 @@ def store_structure(key: str, structure: ModelStructure, folder: Path | None = N
     folder = folder or _cache_dirs()[1]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(structure.to_json(), separators=(",", ":")))
-        os.replace(tmp, folder / f"{key}.json")
+        write_json(folder / f"{key}.json", structure.to_json(), indent=None, durable=False)
     except OSError:
         pass  # the cache is an optimisation; a read-only home must not fail the command
 

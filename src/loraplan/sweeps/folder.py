@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..files import read_json, write_atomic, write_json
 
 LEDGER_FORMAT = 1
 STATUSES = ("completed", "oom", "diverged", "failed", "pruned")
@@ -31,27 +32,6 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
-
-
-def _json_default(value):
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    return str(value)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
 
 
 def spec_hash(spec: dict) -> str:

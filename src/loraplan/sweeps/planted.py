@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import write_atomic, write_json
 
 _CONSONANTS = "bcdfghjklmnprstvz"
 _VOWELS = "aeiou"
@@ -175,7 +176,7 @@ def make_planted_task(out: str | Path, spec: PlantedSpec | None = None, **overri
     eval_ids = ids[spec.examples:]
     task = PlantedTask(out, spec, [m.name for m in resolved.modules], resolved.target_modules, resolved.roles,
                        ideal_eval_loss=_loss(teacher, eval_ids), base_eval_loss=_loss(base, eval_ids))
-    (out / "planted.json").write_text(json.dumps(task.to_json(), indent=2) + "\n")
+    write_json(out / "planted.json", task.to_json())
     return task
 
 
@@ -222,6 +223,4 @@ def _loss(model, ids) -> float:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))

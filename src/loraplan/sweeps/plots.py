@@ -9,7 +9,6 @@ colour, axes carry units, and trials that could not be plotted are named in a ca
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+from ..files import atomic_path
 
 # Okabe & Ito (2008) colour-blind-safe palette; lightness differs enough to survive grayscale,
 # and markers/line styles carry the distinction anyway.
@@ -393,15 +394,10 @@ def save(fig: Figure, path) -> Path:
     """Write the PNG atomically (a half-written image never replaces a good one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    try:
+    with atomic_path(path) as tmp:
         # No Software tag: the PNG holds nothing but pixels.
         fig.savefig(tmp, dpi=DPI, format="png", metadata={"Software": None}, facecolor="white",
                     bbox_inches="tight", pad_inches=0.12)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import UsageError, listing
+from ..files import write_atomic
 from . import plots
 from .plots import finite
 from .ranking import summarize
@@ -89,7 +89,7 @@ def write_report(sweep: Sweep, out=None) -> tuple[Path, dict[str, Path]]:
     except (FileExistsError, NotADirectoryError):
         raise UsageError(f"cannot write {out}: {out.parent} is a file", "give --out a path in a folder") from None
     images = write_plots(sweep, out.parent / "plots")
-    _write_text(out, render_html(sweep, images))
+    write_atomic(out, render_html(sweep, images))
     return out, images
 
 
@@ -652,15 +652,6 @@ def _median(values: list) -> str:
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _loraplan_version() -> str:

@@ -17,16 +17,14 @@ from pathlib import Path
 
 from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
+from ..files import read_json, write_atomic, write_json
 from ..plan.count import count_plan, human_bytes, human_count
 from .engine import PeftEngine
 from .folder import (
     LEDGER_FORMAT,
     SweepLedger,
     now,
-    read_json,
     spec_hash,
-    write_atomic,
-    write_json,
 )
 from .ranking import summarize
 from .spec import SweepSpec, Trial, alpha_warnings, expand, load_spec

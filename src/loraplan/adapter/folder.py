@@ -22,8 +22,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -405,48 +403,6 @@ def check_fits(adapter: Adapter, structure: ModelStructure) -> None:
             raise UsageError(f"the adapter saves '{name}' with {tensor.numel():,} values but the base's has "
                              f"{sizes[name]:,}", "the vocabulary was resized for training: call model."
                              "resize_token_embeddings(len(tokenizer)) on the base first, with the run's tokenizer")
-
-
-# -- writing ------------------------------------------------------------------------------------
-
-
-def prepare_output(out: str | os.PathLike, marker: str, overwrite: bool, inputs: tuple = ()) -> Path:
-    """A folder to write into: new or empty, or (with overwrite) one that already holds `marker`
-    (the same kind of folder). Never one of the inputs."""
-    folder = Path(out).expanduser()
-    for source in inputs:
-        if source is not None and Path(source).expanduser().resolve() == folder.resolve():
-            raise UsageError(f"--out {folder} is an input of this command", "write to a new folder")
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder} is a file", "give a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise UsageError(f"--out {folder} exists and is not empty", "choose a new folder, or pass --overwrite")
-        if not (folder / marker).is_file():
-            raise UsageError(f"--out {folder} is not empty and holds no {marker}; not overwriting it",
-                             "choose a new or empty folder")
-    return folder
-
-
-def publish(staging: Path, folder: Path) -> list[str]:
-    """Move the files written into `staging` to `folder`, each with an atomic replace."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for item in sorted(staging.iterdir()):
-        target = folder / item.name
-        if target.is_dir() and not item.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-        written.append(item.name)
-    staging.rmdir()
-    return written
-
-
-def staging_folder(folder: Path) -> Path:
-    """A temporary folder next to `folder` (same file system, so `publish` only renames)."""
-    parent = folder.expanduser().resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
 
 
 def companion_files(folder: Path) -> list[Path]:
