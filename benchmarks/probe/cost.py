@@ -30,7 +30,7 @@ SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b"
 def synthetic_batches(count: int = 8) -> list:
     """`count` micro-batches of 8 sequences of 64–512 random tokens (the sweep benchmark's kind), seeded."""
     from loraplan.data.batches import training_steps
-    from loraplan.data.load import TokenizedExample
+    from loraplan.data.formats import TokenizedExample
 
     rng = random.Random(1)
     examples = []
