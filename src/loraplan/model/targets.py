@@ -228,9 +228,10 @@ def _select_tool_linear(structure: ModelStructure, key: str, notes: list[str]) -
         tool = "LLaMA-Factory's lora_target: all"
     out = [m for m in modules if m.leaf in leaves]
     if not out:
-        kinds = sorted({m.cls for m in modules})
-        notes.append(f"{tool} finds no layer whose class is called *Linear* on {structure.architecture} "
-                     f"(its layers: {', '.join(kinds)}), so the tool stops with PEFT's 'no target modules' error")
+        kinds = sorted({m.cls for m in modules if m.name != structure.output_embeddings})
+        notes.append(f"{tool} takes the classes named *Linear* but the output layer, and "
+                     f"{structure.architecture} has none (its layers: {', '.join(kinds)}), so the tool stops with "
+                     "PEFT's 'no target modules' error")
     return out
 
 
