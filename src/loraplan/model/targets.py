@@ -210,14 +210,12 @@ def _select(structure: ModelStructure, item: str, notes: list[str], legacy: set[
 def _select_tool_linear(structure: ModelStructure, key: str, notes: list[str]) -> list[ModuleInfo]:
     """A tool's "every linear layer": the leaf names of the modules whose class is called *Linear*
     (so not GPT-2's Conv1D), the output layer left out by *name*; PEFT then adapts every module
-    whose name ends in one of those leaves. axolotl: loaders/adapter.py find_all_linear_names (the
-    output name from get_linear_embedding_layers); LLaMA-Factory 0.9: model_utils/misc.py
+    whose name ends in one of those leaves. axolotl 0.21: loaders/adapter.py find_all_linear_names
+    (the output name from get_linear_embedding_layers: lm_head); LLaMA-Factory 0.9: model_utils/misc.py
     find_all_linear_modules; its v1: plugins/model_plugins/peft.py _find_all_linear_modules."""
     modules = [m for m in structure.modules if not m.is_parameter]
     if key == "axolotl:linear":
-        output = {"gpt_neox": "embed_out", "nemotron_h": "lm_head", "falcon": "lm_head"}.get(structure.model_type,
-                                                                                          "lm_head")
-        leaves = {m.leaf for m in modules if m.kind == "linear" or "Linear" in m.cls} - {output}
+        leaves = {m.leaf for m in modules if m.kind == "linear" or "Linear" in m.cls} - {"lm_head"}
         tool = "axolotl's lora_target_linear"
     else:
         forbidden = {"lm_head"} | {"chatglm": {"output_layer"}, "internlm2": {"output"}}.get(structure.model_type, set())
