@@ -329,10 +329,10 @@ def test_recommend_json_gives_resolved_values(capsys):
     assert plan["lora_alpha"] == 4 and plan["targets"] == ["q_proj", "v_proj"]
 
 
-def test_torchtune_phi3_configs_are_refused_with_the_reason(tiny, capsys):
-    for path in [FIXTURES / "torchtune" / "phi3_mini_lora_single_device.yaml"]:
-        code, _, err = run_cli(["count", "builtin:phi-3-mini", "--from", str(path)], capsys)
-        assert code == 2 and "splits Phi's fused qkv_proj and gate_up_proj" in err
+def test_torchtune_phi3_configs_are_refused_with_the_reason(capsys):
+    path = FIXTURES / "torchtune" / "phi3_mini_lora_single_device.yaml"
+    code, _, err = run_cli(["count", "builtin:phi-3-mini", "--from", str(path)], capsys)
+    assert code == 2 and "splits Phi's fused qkv_proj and gate_up_proj" in err
 
 
 def test_torchtune_export_says_which_torchtune_has_the_builder(capsys):
@@ -348,8 +348,10 @@ def test_axolotl_patterns_and_refused_keys(tiny, tmp_path, capsys):
     base = {"adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj", "v_proj"]}
     fields = yaml_fields(tmp_path, {**base, "lora_rank_pattern": {"q_proj": 16}, "lora_alpha_pattern": {"q_proj": 32}})
     assert fields["rank_pattern"] == {"q_proj": 16} and fields["alpha_pattern"] == {"q_proj": 32}
-    # layers 2 x (q at r=16: 16·128 + v at r=8: 8·96)
-    assert LoraPlan(**fields).resolve(load_structure(tiny["llama"])) is not None
+    from loraplan.plan.count import count_plan
+
+    # 2 layers x (q at r=16: 16·(64+64) + v at r=8: 8·(64+32))
+    assert count_plan(load_structure(tiny["llama"]), LoraPlan(**fields)).trainable_params == 2 * (16 * 128 + 8 * 96)
     for key, value in [("peft_trainable_token_indices", [5]), ("unfrozen_parameters", ["^lm_head.weight$"]),
                        ("peft_layer_replication", [[0, 1]]), ("lora_model_dir", "no/such/adapter")]:
         path = tmp_path / "refused.yaml"

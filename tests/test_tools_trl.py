@@ -60,6 +60,13 @@ def test_sft_trainer_trains_the_new_tokens_export(family, tmp_path, capsys):
     trainer = trl.SFTTrainer(model=model, args=sft_config(tmp_path), train_dataset=dataset(NEW_TOKENS[:3]),
                              processing_class=tokenizer, peft_config=LoraConfig(**config))
     assert trainer.model.get_nb_trainable_parameters()[0] == counted.trainable_params
+    # LoRA+ gives the full embedding copies the base rate, not loraplus_lr_embedding (1e-6)
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    loraplus = create_loraplus_optimizer(trainer.model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16)
+    saved = {id(p) for n, p in trainer.model.named_parameters() if "modules_to_save" in n and p.requires_grad}
+    assert saved and {g["lr"] for g in loraplus.param_groups for p in g["params"] if id(p) in saved} == {2e-4}
     trainer.train()
     # the new tokens' rows of the trained embedding copy moved
     new_ids = tokenizer.convert_tokens_to_ids(NEW_TOKENS[:3])

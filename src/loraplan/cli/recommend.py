@@ -60,7 +60,8 @@ def register(parser):
                         help="training examples in your data set (5000, 50k)")
     parser.add_argument("--complexity", default=None, help="low, medium or high (default medium)")
     parser.add_argument("--new-tokens", action="store_true",
-                        help="you add tokens to the vocabulary: also adapt the embeddings and lm_head")
+                        help="you add tokens to the vocabulary: also train the embeddings and lm_head (in full: "
+                             "modules_to_save)")
     parser.add_argument("--dora", action="store_true", help="DoRA at half the rank")
     parser.add_argument("--no-loraplus", dest="loraplus", action="store_false", help="leave LoRA+ (ratio 16) out")
     memory = parser.add_argument_group("memory (needs MODEL, --batch-size and --seq-len)")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import UsageError, listing
-from ..model.targets import KEYWORDS, parse_layers, parse_spec
+from ..model.targets import KEYWORDS, TOOL_PRESETS, parse_layers, parse_spec
 from .lora_plan import LoraPlan
 
 FORMATS = ("peft", "peft-json", "axolotl", "llamafactory", "torchtune")
@@ -101,7 +101,7 @@ def peft_config(plan: LoraPlan, structure=None) -> dict[str, Any]:
 
 def _peft_kwargs_by_name(plan: LoraPlan) -> dict[str, Any]:
     items = parse_spec(plan.targets)
-    roles = [i for i in items if i.lower() in KEYWORDS and i.lower() != "all-linear"]
+    roles = [i for i in items if i.lower() in KEYWORDS + TOOL_PRESETS and i.lower() != "all-linear"]
     if roles:
         raise UsageError(f"targets {listing(roles)} name roles; without MODEL loraplan cannot turn them "
                          "into module names", "give MODEL, or module names such as q_proj,v_proj")
