@@ -59,7 +59,8 @@ $(AXOLOTL)/.installed: pyproject.toml
 	$(PYTHON312) -m venv $(AXOLOTL)
 	$(AXOLOTL)/bin/python -m pip install -q --upgrade pip
 	$(AXOLOTL)/bin/python -m pip install -q torch==2.13.0 transformers==5.20.1 peft==0.21.2 accelerate==1.15.0 \
-		datasets==5.0.1 trl==1.14.1 tokenizers==0.23.3 bitsandbytes==0.50.2 posthog==6.7.11 pytest -e .
+		datasets==5.0.1 trl==1.14.1 tokenizers==0.23.3 bitsandbytes==0.50.2 posthog==6.7.11 addict \
+		pydantic==2.13.5 pytest -e .
 	$(AXOLOTL)/bin/python -m pip install -q --no-deps axolotl==0.21.0
 	touch $@
 
