@@ -18,45 +18,17 @@ import argparse
 
 from ..errors import UsageError
 from ..plan.count import human_bytes
-from ..plan.memory import (
-    ALLOCATOR_MARGIN,
-    CUDA_CONTEXT_BYTES,
-    MemoryEstimate,
-    estimate_memory,
-    parse_size,
-)
-from .count import add_plan_arguments, plan_from_args
-from .render import add_model_arguments, emit_json, table
-
-
-def _positive(text: str, what: str, example: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"{what} must be a positive integer, got '{text}'", f"e.g. {example}") from None
-    if value <= 0:
-        raise UsageError(f"{what} must be a positive integer, got {value}", f"e.g. {example}")
-    return value
-
-
-def _dropout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise UsageError(f"--lora-dropout must be a number in [0, 1), got '{text}'", "e.g. --lora-dropout 0.05")
-    return value
+from ..plan.memory import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, MemoryEstimate, estimate_memory
+from .options import add_model_arguments, add_plan_arguments, plan_from_args, positive_int, size
+from .render import emit_json, table
 
 
 def register(parser):
     add_model_arguments(parser)
     add_plan_arguments(parser)
-    parser.add_argument("--lora-dropout", default=None,
-                        help="LoRA dropout (default 0.05; 0 saves the dropout masks)")
-    parser.add_argument("--batch-size", "-b", default="1",
+    parser.add_argument("--batch-size", "-b", type=positive_int, default=1,
                         help="sequences per step (default %(default)s)")
-    parser.add_argument("--seq-len", "-l", default="2048",
+    parser.add_argument("--seq-len", "-l", type=positive_int, default=2048,
                         help="tokens per sequence, no padding (default %(default)s)")
     parser.add_argument("--dtype", default="bf16",
                         help="base model dtype: bf16, fp16 or fp32 (default %(default)s)")
@@ -67,26 +39,20 @@ def register(parser):
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
     parser.add_argument("--optimizer", default="adamw",
                         help="adamw (fp32 states), adamw8bit (bitsandbytes) or sgd (default %(default)s)")
-    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+    parser.add_argument("--gpu-memory", type=size, default=None, metavar="SIZE",
                         help="your GPU's memory for a verdict, e.g. 24GB, 80GiB, 40960MiB")
 
 
 def run(args) -> int:
     from ..model.loading import load_structure
 
-    # argparse would turn a converter's error into "invalid value": check here, one line with a hint
-    batch = _positive(args.batch_size, "batch size", "--batch-size 4")
-    seq = _positive(args.seq_len, "sequence length", "--seq-len 2048")
-    gpu = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
     if args.quant.lower() != "4bit" and not args.double_quant:
         raise UsageError("--no-double-quant applies to --quant 4bit only")
     plan = plan_from_args(args)
-    if args.lora_dropout is not None:
-        plan = plan.replace(lora_dropout=_dropout(args.lora_dropout))
     structure = load_structure(args.model, trust_remote_code=args.trust_remote_code)
-    estimate = estimate_memory(structure, plan, batch, seq, dtype=args.dtype, quant=args.quant,
+    estimate = estimate_memory(structure, plan, args.batch_size, args.seq_len, dtype=args.dtype, quant=args.quant,
                                double_quant=args.double_quant, grad_ckpt=args.grad_ckpt, optimizer=args.optimizer)
-    estimate.gpu_bytes = gpu
+    estimate.gpu_bytes = args.gpu_memory
     if args.json:
         emit_json(estimate.to_json())
         return 0
