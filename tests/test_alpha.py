@@ -88,7 +88,8 @@ def test_sweep_spec_warns_through_the_rule():
     (warning,) = alpha_warnings(expand(spec))
     assert "fixed at 16 while r varies" in warning and "alpha policy 'r'" in warning
     assert alpha_warnings(expand(load_spec(None, {}))) == []  # the seeds' grid: rsLoRA where r varies
-    skewed = [Trial(name=n, plan=LoraPlan(targets="mlp", r=r, lora_alpha=a)) for n, r, a in (("a", 8, 16), ("b", 16, 48))]
+    skewed = [Trial(name=n, plan=LoraPlan(targets="mlp", r=r, lora_alpha=a))
+              for n, r, a in (("a", 8, 16), ("b", 16, 48))]
     assert "not proportional to r" in alpha_warnings(skewed)[0]
 
 

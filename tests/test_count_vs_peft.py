@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 from peft import LoraConfig, get_peft_model
-from tiny import FAMILIES, make_model
+from support.tiny import FAMILIES, make_model
 
 from loraplan.errors import UsageError
 from loraplan.model.structure import read_structure

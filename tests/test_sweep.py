@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import save_tiny_model
+from support.tiny import save_tiny_model
 
 from loraplan.cli import main
 from loraplan.sweeps.runner import sweep
