@@ -40,14 +40,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _plan_field(name: str, required: bool = False, listed: bool = False):
+def _plan_field(name: str, required: bool = False):
     """(type, Field) for LoraPlan's field `name`: its type, default and description."""
     spec = LoraPlan.__dataclass_fields__[name]
-    kind = typing.get_type_hints(LoraPlan)[name]
-    default = ... if required else spec.default
     if spec.default is dataclasses.MISSING:
         raise TypeError(f"LoraPlan.{name} has no plain default")
-    return (list[kind] if listed else kind), Field(default, description=spec.metadata.get("help"))
+    kind = typing.get_type_hints(LoraPlan)[name]
+    return kind, Field(... if required else spec.default, description=spec.metadata.get("help"))
 
 
 def _check_plan_field(value, info):
