@@ -24,3 +24,16 @@ def tiny(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("tiny-configs")
     return {family: write_config(family, root / family) for family in FAMILIES}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is (the GPU machine) and are skipped, with the reason, elsewhere;
+    `pytest -m "not slow"` is the fast subset."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (marked gpu)"))

@@ -280,6 +280,7 @@ def test_report_cli_writes_a_self_contained_page_with_every_trial_and_plot(tmp_p
     assert "<th>scale on B·A</th><td>2 (α/r)</td>" in html  # attention_r8: 16/8
 
 
+@pytest.mark.slow
 def test_report_api_with_out_probe_and_analysis(tmp_path, adapter_analysis):
     folder = build_sweep(tmp_path / "sweep")
     write_probe(folder)
@@ -393,6 +394,7 @@ def chromium(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedPro
 
 
 @needs_chromium
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["full", "one_trial", "all_failed"])
 def test_report_renders_in_headless_chromium(tmp_path, case, adapter_analysis):
     trials = {"full": GRID, "one_trial": GRID[3:4], "all_failed": GRID[6:9]}[case]
