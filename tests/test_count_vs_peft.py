@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 from peft import LoraConfig, get_peft_model
-from tiny import FAMILIES, make_model
+from support.tiny import FAMILIES, make_model
 
 from loraplan.errors import UsageError
 from loraplan.model.structure import read_structure
@@ -25,7 +25,9 @@ def peft_counts(base, plan, structure):
     return model.get_nb_trainable_parameters()
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+# the encoder-decoders build twice the modules: the slow part of the table
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.slow) if f.startswith("t5") else f
+                                        for f in sorted(FAMILIES)])
 def family(request):
     base = make_model(request.param)
     return request.param, base, read_structure(base, source=request.param)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import yaml
-from tiny import make_model, write_config
+from support.cli import run_cli
+from support.tiny import make_model, write_config
 
-from loraplan.cli import main
 from loraplan.errors import UsageError
 from loraplan.model.loading import load_structure
 from loraplan.plan.export import (
@@ -26,19 +26,8 @@ from loraplan.plan.recommend import make_recommendation, recommend
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return {f: write_config(f, tmp_path_factory.mktemp(f)) for f in ("llama", "gpt2", "phi3")}
-
-
-@pytest.fixture(scope="module")
 def structures(tiny):
-    return {f: load_structure(path) for f, path in tiny.items()}
-
-
-def run_cli(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return {f: load_structure(tiny[f]) for f in ("llama", "gpt2", "phi3")}
 
 
 def peft_trainable(model, config: dict):

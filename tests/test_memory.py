@@ -385,10 +385,10 @@ def test_cli_json(capsys):
     (["--dtype", "bf32"], "unknown dtype 'bf32'"),
     (["--quant", "3bit"], "unknown quantization '3bit'"),
     (["--optimizer", "adam8bit"], "unknown optimizer 'adam8bit'"),
-    (["--batch-size", "0"], "batch size must be a positive integer"),
-    (["--seq-len", "-5"], "sequence length must be a positive integer"),
+    (["--batch-size", "0"], "argument --batch-size/-b: expected a positive integer"),
+    (["--seq-len", "-5"], "argument --seq-len/-l: expected a positive integer"),
     (["--gpu-memory", "lots"], "cannot read the GPU memory size 'lots'"),
-    (["--lora-dropout", "1.5"], "--lora-dropout must be a number in [0, 1)"),
+    (["--lora-dropout", "1.5"], "argument --lora-dropout: expected a number in [0, 1)"),
     (["--no-double-quant"], "--no-double-quant applies to --quant 4bit only"),
 ])
 def test_cli_bad_input_is_one_line(capsys, args, message):

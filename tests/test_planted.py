@@ -17,6 +17,7 @@ from loraplan.sweeps.planted import PlantedSpec, PlantedTask, make_planted_task
 SMALL = dict(layers=2, hidden=64, intermediate=128, vocab=64, examples=64, eval_examples=16, seq_len=12)
 
 
+@pytest.mark.slow
 def test_planted_task_files_and_answer(tmp_path):
     task = make_planted_task(tmp_path / "t", PlantedSpec(targets="q,v", rank=2, **SMALL))
     assert {p.name for p in task.folder.iterdir()} == {"base", "train.jsonl", "eval.jsonl", "planted.json",

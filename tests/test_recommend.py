@@ -9,10 +9,9 @@ import types
 import warnings
 
 import pytest
-from tiny import write_config
+from support.cli import run_cli
 
 import loraplan
-from loraplan.cli import main
 from loraplan.errors import UsageError
 from loraplan.plan.recommend import (
     SIZE_BUCKETS,
@@ -47,18 +46,6 @@ def seed_build_lora_config(task_type: str, dataset_size: int, domain_complexity:
     else:
         rank = min(base_rank * 2, 64)
     return modules, rank, rank, rank >= 16
-
-
-def run_cli(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny model folders (config only) by family."""
-    return {f: write_config(f, tmp_path_factory.mktemp(f)) for f in ("llama", "gpt2", "phi3", "t5", "mixtral")}
 
 
 # -- the seed's three examples, and its builder everywhere it is defined --------------------------

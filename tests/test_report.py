@@ -15,9 +15,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from support.cli import run_cli
 
 import loraplan
-from loraplan.cli import main
 from loraplan.sweeps.report import read_sweep
 
 # Llama-3.2-1B: 16 layers, hidden 2048, k/v 512 (8 kv heads × 64), MLP 8192. LoRA adds r·(in + out)
@@ -156,7 +156,7 @@ def adapter_analysis(tmp_path_factory) -> dict:
     """`loraplan analyze --json` of a real (tiny, randomly initialised) PEFT adapter: analysis.json
     holds exactly this per trial."""
     from peft import LoraConfig, get_peft_model
-    from tiny import make_model
+    from support.tiny import make_model
 
     from loraplan.adapter.analyze import analyze
 
@@ -217,12 +217,6 @@ def trial_rows(page: Page) -> list[list[str]]:
 
 def trial_name(row: list[str]) -> str:
     return re.sub(r"(recommended|≈ best|best|Pareto|oom|diverged|failed|pruned|unfinished|pending)+$", "", row[1])
-
-
-def run_cli(argv, capsys):
-    rc = main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def check_self_contained(text: str) -> Page:
@@ -286,6 +280,7 @@ def test_report_cli_writes_a_self_contained_page_with_every_trial_and_plot(tmp_p
     assert "<th>scale on B·A</th><td>2 (α/r)</td>" in html  # attention_r8: 16/8
 
 
+@pytest.mark.slow
 def test_report_api_with_out_probe_and_analysis(tmp_path, adapter_analysis):
     folder = build_sweep(tmp_path / "sweep")
     write_probe(folder)
@@ -399,6 +394,7 @@ def chromium(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedPro
 
 
 @needs_chromium
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["full", "one_trial", "all_failed"])
 def test_report_renders_in_headless_chromium(tmp_path, case, adapter_analysis):
     trials = {"full": GRID, "one_trial": GRID[3:4], "all_failed": GRID[6:9]}[case]

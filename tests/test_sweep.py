@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import save_tiny_model
+from support.tiny import save_tiny_model
 
 from loraplan.cli import main
 from loraplan.sweeps.runner import sweep
@@ -35,6 +35,7 @@ def run_cli(*argv, env=None):
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
+@pytest.mark.slow
 def test_three_trials_write_the_ledger(workspace):
     root, model = workspace
     out = root / "ledger"
@@ -67,6 +68,7 @@ def test_three_trials_write_the_ledger(workspace):
         assert r["trainable_params"] == count(model, targets=r["targets"], rank=4).trainable_params
 
 
+@pytest.mark.slow
 def test_adapter_reloads_and_reproduces_its_eval_loss(workspace):
     root, model = workspace
     out = root / "ledger"
@@ -95,6 +97,7 @@ def test_adapter_reloads_and_reproduces_its_eval_loss(workspace):
     assert weighted_mean_sem(losses, counts)[0] == pytest.approx(recorded["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_rerun_finishes_without_redoing(workspace):
     root, model = workspace
     out = root / "killed"
@@ -121,6 +124,7 @@ def test_sigkill_mid_trial_then_rerun_finishes_without_redoing(workspace):
     assert len(summary["ranking"]) == 3
 
 
+@pytest.mark.slow
 def test_nan_and_oom_are_recorded_and_the_sweep_goes_on(workspace):
     root, model = workspace
     out = root / "faults"
@@ -161,6 +165,7 @@ def test_preflight_catches_bad_targets_before_loading(workspace, tmp_path, capsy
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_changed_spec_is_refused_with_the_difference(workspace, capsys):
     root, model = workspace
     out = root / "ledger"
@@ -183,6 +188,7 @@ def test_dry_run_lists_params_and_warns_on_fixed_alpha(workspace, tmp_path, caps
     assert not (tmp_path / "dry").exists()
 
 
+@pytest.mark.slow
 def test_successive_halving_prunes_the_worst(workspace):
     root, model = workspace
     out = root / "halving"

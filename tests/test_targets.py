@@ -1,7 +1,7 @@
 """The target grammar: roles, groups, presets, names, regex, layers, and its errors."""
 
 import pytest
-from tiny import make_model
+from support.tiny import make_model
 
 from loraplan.errors import UsageError
 from loraplan.model.structure import read_structure

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import make_model, write_config
-from tools import require
+from support.tiny import make_model, write_config
+from support.tools import require
 
 from loraplan.cli import main
 from loraplan.errors import UsageError

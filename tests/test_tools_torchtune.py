@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tools import require, version
+from support.tools import require, version
 
 from loraplan.cli import main
 from loraplan.errors import UsageError

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny import make_model, make_tokenizer
-from tools import require, version
+from support.tiny import make_model, make_tokenizer
+from support.tools import require, version
 
 from loraplan.cli import main
 from loraplan.model.loading import load_structure

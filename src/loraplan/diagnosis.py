@@ -8,7 +8,7 @@ RUN is a loraplan sweep folder (docs/sweep-dir.md), one trial folder of it, or a
 - r too high: "Training loss decreases but validation loss increases"; "Train loss converges to
   near 0 while eval loss increases"; "Evaluation performance worse than lower-rank variant".
 - "Alpha/Rank Ratio Confusion": lora_alpha fixed while r varies changes the effective learning
-  rate of every rank (unless rsLoRA).
+  rate of every rank (unless rsLoRA): the rule shared with count and the sweep, plan/alpha.py.
 Thresholds are constants below, each with its reason; noisy but healthy curves raise nothing.
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .plan.alpha import FIX, AlphaTrap, alpha_traps
 
 # -- thresholds ---------------------------------------------------------------------------------
 # Spikes: a step's loss against the median of the steps before it. Per-step losses of small
@@ -581,28 +582,12 @@ def _groups(runs: list[Run]) -> dict[tuple, list[Run]]:
 
 
 def alpha_trap(runs: list[Run]) -> list[Finding]:
-    """lora_alpha fixed (or not proportional to r) while r varies, without rsLoRA."""
-    out = []
-    for group, members in _groups(runs).items():
-        members = [m for m in members if m.lora_alpha is not None]
-        ranks = sorted({m.r for m in members})
-        if len(ranks) < 2 or group[2]:  # rsLoRA keeps the optimal learning rate rank-independent
-            continue
-        scales = sorted({round(m.scale, 9) for m in members})
-        if len(scales) < 2:
-            continue
-        alphas = sorted({m.lora_alpha for m in members})
-        pairs = sorted({(m.r, m.lora_alpha) for m in members})
-        table = ", ".join(f"r={r} α={a:g} → {a / r:g}" for r, a in pairs)
-        what = f"lora_alpha is fixed at {alphas[0]:g}" if len(alphas) == 1 else "lora_alpha is not proportional to r"
-        out.append(Finding(
-            "alpha_trap", "warning",
-            f"{what} while r varies ({_group_text(group)}), without rsLoRA: the scale alpha/r runs {table}, so each "
-            "rank trained at a different effective learning rate and the rank comparison is confounded (seed: "
-            "\"Alpha/Rank Ratio Confusion\")",
-            {"group": list(group), "ranks": ranks, "pairs": [list(p) for p in pairs]},
-            advice="set lora_alpha = r (or 2r) for every rank, or enable rsLoRA, and rerun the sweep"))
-    return out
+    """The alpha rule (plan/alpha.py) over the sweep's rank series."""
+    traps = alpha_traps((m.group, m.r, m.lora_alpha, m.use_rslora)
+                        for m in runs if m.r is not None and m.lora_alpha is not None)
+    return [Finding("alpha_trap", "warning", AlphaTrap(t.group, t.pairs, _group_text(t.group)).message(),
+                    {"group": list(t.group), "ranks": t.ranks, "pairs": [list(p) for p in t.pairs]},
+                    advice=f"set {FIX} and rerun the sweep") for t in traps]
 
 
 def _noise(a: Run, b: Run, noise: float | None) -> float:

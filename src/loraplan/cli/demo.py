@@ -10,12 +10,13 @@ examples:
 from __future__ import annotations
 
 from ..errors import RunError
+from .options import add_json
 from .render import emit_json, table
 
 
 def register(parser):
     parser.add_argument("--out", default="loraplan-demo", help="where to write the task and the sweep (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="machine-readable summary; no progress bars")
+    add_json(parser, "machine-readable summary; no progress bars")
 
 
 def run(args) -> int:

@@ -15,6 +15,7 @@ examples:
 
 from __future__ import annotations
 
+from .options import add_json
 from .render import emit_json, table
 
 _ARROW = {"lower": "→ lower r", "higher": "→ raise r"}
@@ -22,7 +23,7 @@ _ARROW = {"lower": "→ lower r", "higher": "→ raise r"}
 
 def register(parser):
     parser.add_argument("run", metavar="RUN", help="a sweep folder, a trial folder, or a trainer_state.json")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(parser)
 
 
 def run(args) -> int:

@@ -17,49 +17,22 @@ examples:
 from __future__ import annotations
 
 import argparse
+from argparse import ArgumentTypeError
 
 from ..errors import UsageError
 from ..model.targets import spec_text
 from ..plan.count import human_bytes
-from ..plan.memory import (
-    ALLOCATOR_MARGIN,
-    CUDA_CONTEXT_BYTES,
-    MemoryEstimate,
-    estimate_memory,
-    parse_size,
-)
-from .count import add_plan_arguments, plan_from_args
-from .render import add_model_arguments, emit_json, table
-
-
-def _positive(text: str, what: str, example: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"{what} must be a positive integer, got '{text}'", f"e.g. {example}") from None
-    if value <= 0:
-        raise UsageError(f"{what} must be a positive integer, got {value}", f"e.g. {example}")
-    return value
-
-
-def _dropout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise UsageError(f"--lora-dropout must be a number in [0, 1), got '{text}'", "e.g. --lora-dropout 0.05")
-    return value
+from ..plan.memory import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, MemoryEstimate, estimate_memory
+from .options import add_model_arguments, add_plan_arguments, plan_from_args, positive_int, size
+from .render import emit_json, table
 
 
 def register(parser):
     add_model_arguments(parser)
     add_plan_arguments(parser)
-    parser.add_argument("--lora-dropout", default=None,
-                        help="LoRA dropout (default 0.05; 0 saves the dropout masks)")
-    parser.add_argument("--batch-size", "-b", default=None,
+    parser.add_argument("--batch-size", "-b", type=positive_int, default=None,
                         help=f"sequences per step (default: --from FILE's micro-batch, else {DEFAULTS['batch_size']})")
-    parser.add_argument("--seq-len", "-l", default=None,
+    parser.add_argument("--seq-len", "-l", type=positive_int, default=None,
                         help=f"tokens per sequence, no padding (default: --from FILE's, else {DEFAULTS['seq_len']})")
     parser.add_argument("--dtype", default="bf16",
                         help="base model dtype: bf16, fp16 or fp32 (default %(default)s)")
@@ -71,7 +44,7 @@ def register(parser):
                         help="gradient checkpointing, non-reentrant (default: --from FILE's, else off)")
     parser.add_argument("--optimizer", default="adamw",
                         help="adamw (fp32 states), adamw8bit (bitsandbytes) or sgd (default %(default)s)")
-    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+    parser.add_argument("--gpu-memory", type=size, default=None, metavar="SIZE",
                         help="your GPU's memory for a verdict, e.g. 24GB, 80GiB, 40960MiB")
 
 
@@ -95,9 +68,12 @@ def training_settings(args) -> tuple[dict, list[str]]:
             taken.append(key)
         else:
             settings[key] = default
-    # argparse would turn a converter's error into "invalid value": check here, one line with a hint
-    settings["batch_size"] = _positive(str(settings["batch_size"]), "batch size", "--batch-size 4")
-    settings["seq_len"] = _positive(str(settings["seq_len"]), "sequence length", "--seq-len 2048")
+    for key, flag in (("batch_size", "--batch-size"), ("seq_len", "--seq-len")):
+        if key in taken:  # the flags are checked by argparse; a training config's value here
+            try:
+                settings[key] = positive_int(str(settings[key]))
+            except ArgumentTypeError as err:
+                raise UsageError(f"{args.from_file}: {err} for the {flag.lstrip('-')}", f"set {flag}") from None
     return settings, taken
 
 
@@ -105,17 +81,14 @@ def run(args) -> int:
     from ..model.loading import load_structure
 
     settings, taken = training_settings(args)
-    gpu = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
     if settings["quant"].lower() != "4bit" and not args.double_quant:
         raise UsageError("--no-double-quant applies to --quant 4bit only")
     plan = plan_from_args(args)
-    if args.lora_dropout is not None:
-        plan = plan.replace(lora_dropout=_dropout(args.lora_dropout))
     structure = load_structure(args.model, trust_remote_code=args.trust_remote_code)
     estimate = estimate_memory(structure, plan, settings["batch_size"], settings["seq_len"], dtype=args.dtype,
                                quant=settings["quant"], double_quant=args.double_quant,
                                grad_ckpt=settings["grad_ckpt"], optimizer=args.optimizer)
-    estimate.gpu_bytes = gpu
+    estimate.gpu_bytes = args.gpu_memory
     if args.json:
         emit_json({**estimate.to_json(), "from_file": {k: settings[k] for k in taken}})
         return 0

@@ -12,6 +12,7 @@ examples:
 
 from __future__ import annotations
 
+from .options import add_json
 from .render import emit_json
 
 
@@ -19,7 +20,7 @@ def register(parser):
     parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the folder `loraplan sweep --out` wrote")
     parser.add_argument("--out", "-o", default=None,
                         help="the HTML file to write (default: SWEEP_DIR/report.html); PNGs go to plots/ beside it")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(parser)
 
 
 def run(args) -> int:

@@ -1,6 +1,6 @@
 """Exact trainable-parameter counts, equal to PEFT's `get_nb_trainable_parameters()`.
 
-Arithmetic on the module tree, never a PEFT wrap, so a 405B config counts in milliseconds.
+Arithmetic on the module tree, never a PEFT wrap or a weight, so any config counts at once on a CPU.
 Per adapted weight (peft/tuners/lora/layer.py):
 - Linear / Conv1D: A is r×in, B is out×r            -> r·(in + out)
 - Embedding: lora_embedding_A r×vocab, B dim×r       -> r·(vocab + dim)
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ..errors import UsageError
 from ..model.structure import ModelStructure, ModuleInfo
 from ..model.targets import ResolvedTargets
+from .alpha import plan_traps
 from .lora_plan import LoraPlan
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -202,7 +203,13 @@ def count(model, targets: str | Sequence[str] = "all-linear", rank: int = 8, alp
 
 
 def rank_table(structure: ModelStructure, plan: LoraPlan, ranks: Sequence[int]) -> list[CountResult]:
-    return [count_plan(structure, plan.replace(r=r)) for r in ranks]
+    """One count per rank; each carries the alpha rule's warning when alpha/r changes across them."""
+    results = [count_plan(structure, plan.replace(r=r)) for r in ranks]
+    warnings = [f"{trap.message()}; leave lora_alpha unset (no --alpha) for alpha = r, or use rsLoRA (--rslora)"
+                for trap in plan_traps(result.plan for result in results)]
+    for result in results:
+        result.notes.extend(warnings)
+    return results
 
 
 def human_bytes(n: float) -> str:

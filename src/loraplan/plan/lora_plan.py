@@ -25,18 +25,68 @@ class Reason:
     source: str | None = None  # citation (paper, seed) where the rule comes from
 
 
+def _positive_int(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return f"must be a positive integer, got {value!r}"
+    return None
+
+
+def _positive_or_none(value) -> str | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+        return f"must be a positive number, got {value!r}"
+    return None
+
+
+def _dropout(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        return f"must be a number in [0, 1), got {value!r}"
+    return None
+
+
+def _bias(value) -> str | None:
+    return None if value in BIAS_CHOICES else f"must be one of {', '.join(BIAS_CHOICES)}, got {value!r}"
+
+
+def _rank_pattern(value) -> str | None:
+    bad = {k: v for k, v in dict(value).items() if _positive_int(v)}
+    return f"must map module names to positive integers, got {bad!r}" if bad else None
+
+
+# The checks of LoraPlan's fields: __post_init__ runs them all, the sweep's trial schema per field.
+FIELD_RULES = {"r": _positive_int, "lora_alpha": _positive_or_none, "lora_dropout": _dropout, "bias": _bias,
+               "loraplus_lr_ratio": _positive_or_none, "rank_pattern": _rank_pattern}
+
+
+def field_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for LoraPlan's field `name` ("must be …"), or None."""
+    rule = FIELD_RULES.get(name)
+    return rule(value) if rule else None
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class LoraPlan:
+    """One LoRA configuration. Each field's `help` metadata is its description everywhere it is
+    shown (CLI flags, the sweep spec's schema, docs/sweep.md)."""
+
     # a spec string; a tuple of items when an item (a `re:` with `{1,3}`) holds a comma itself
-    targets: str | tuple[str, ...] = "all-linear"
-    r: int = 8
-    lora_alpha: float | None = None  # None: alpha = r (scaling 1, or sqrt(r) with rsLoRA)
-    use_rslora: bool = False
-    use_dora: bool = False
-    loraplus_lr_ratio: float | None = None
-    lora_dropout: float = 0.05
-    bias: str = "none"
-    layers: str | None = None  # "0-7,30,31"; None: every layer
+    targets: str | tuple[str, ...] = field(default="all-linear", metadata=_help(
+        "roles (q,k,v,o,gate,up,down,…), groups (attention, mlp, qv), presets (all-linear, all), module names "
+        "or re:REGEX"))
+    r: int = field(default=8, metadata=_help("LoRA rank r"))
+    lora_alpha: float | None = field(default=None, metadata=_help(
+        "lora_alpha; null: alpha = r (scale alpha/r = 1, or sqrt(r) with rsLoRA)"))
+    use_rslora: bool = field(default=False, metadata=_help("rsLoRA: scale alpha/sqrt(r) instead of alpha/r"))
+    use_dora: bool = field(default=False, metadata=_help("DoRA: a learned magnitude vector per output"))
+    loraplus_lr_ratio: float | None = field(default=None, metadata=_help(
+        "LoRA+: lora_B's learning rate over lora_A's (e.g. 16); null: one learning rate"))
+    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA path's input, in [0, 1)"))
+    bias: str = field(default="none", metadata=_help("PEFT bias option: none, all or lora_only"))
+    layers: str | None = field(default=None, metadata=_help(
+        "only these layers, as PEFT's layers_to_transform: e.g. 0-7,30,31 or -8: for the last 8; null: every layer"))
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
@@ -47,20 +97,8 @@ class LoraPlan:
     def __post_init__(self):
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
-        problems = []
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            problems.append(f"r must be a positive integer, got {self.r!r}")
-        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, int | float) and self.lora_alpha > 0):
-            problems.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in BIAS_CHOICES:
-            problems.append(f"bias must be one of {', '.join(BIAS_CHOICES)}, got {self.bias!r}")
-        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
-            problems.append(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio!r}")
-        for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                problems.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        problems = [f"{name} {problem}" for name in FIELD_RULES
+                    if (problem := field_problem(name, getattr(self, name)))]
         if problems:
             raise UsageError("; ".join(problems))
 

@@ -3,7 +3,7 @@
 What is predicted: `torch.cuda.max_memory_allocated()` over the first steps of the loop the sweep
 runs (transformers model with `attn_implementation="sdpa"`, PEFT `get_peft_model`, AdamW
 `fused=True`, `loss = model(input_ids, labels=input_ids).loss; loss.backward(); opt.step();
-opt.zero_grad(set_to_none=True)`, no autocast). benchmarks/memory/ measures it on an H100; the
+opt.zero_grad(set_to_none=True)`, no autocast). benchmarks/memory/ measures it on a GPU; the
 CPU tests check the activations against autograd's saved tensors and the step's peak against an
 allocation tracker.
 
@@ -30,7 +30,7 @@ as transformers and PEFT write it:
 parameter (embeddings, norms, lm_head) to fp32; without autocast the whole residual stream, and so
 every activation, is then fp32.
 
-Pure arithmetic on a `ModelStructure`: no torch import, milliseconds for a 405B config.
+Pure arithmetic on a `ModelStructure`: no torch import and no weight, for any model size.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import RunError, UsageError, did_you_mean
 from ..model.roles import FUSED_INTO
 from ..model.targets import parse_spec
+from .alpha import DEFAULT_POLICY, alpha_for, policy_reason
 from .export import LLAMA_NAMES, peft_config
 from .lora_plan import LoraPlan, Reason
 
@@ -344,13 +345,7 @@ def _plan(task: Task, examples: int, complexity: str, complexity_given: bool, st
     else:
         reasons.append(Reason("use_rslora", f"off: at r={r} (< 16) rsLoRA changes little", SEED))
 
-    if rslora:
-        reasons.append(Reason("lora_alpha", f"alpha = r = {r} (alpha/sqrt(r) = {math.sqrt(r):.3g}), as the seed's "
-                                            "build_lora_config sets it", SEED))
-    else:
-        reasons.append(Reason("lora_alpha", f"alpha = r = {r} (alpha/r = 1): alpha follows r, so changing r does not "
-                                            "silently change the effective learning rate (never a fixed alpha while r "
-                                            "varies)", SEED))
+    reasons.append(Reason("lora_alpha", policy_reason(r, rslora), SEED))
     if rslora:
         reasons.append(Reason("note", f"with rsLoRA and alpha = r the update is scaled by sqrt(r) = "
                                       f"{math.sqrt(r):.3g}, "
@@ -404,7 +399,7 @@ def _plan(task: Task, examples: int, complexity: str, complexity_given: bool, st
                                       "modules_to_save trains two separate copies (counted here), so the adapter "
                                       "unties them; PEFT's ensure_weight_tying=True (axolotl peft_ensure_weight_tying) "
                                       "keeps one, about half the trainable parameters"))
-    return LoraPlan(targets=targets, r=r, lora_alpha=None, use_rslora=rslora, use_dora=dora,
+    return LoraPlan(targets=targets, r=r, lora_alpha=alpha_for(DEFAULT_POLICY, r), use_rslora=rslora, use_dora=dora,
                     loraplus_lr_ratio=ratio, lora_dropout=0.05, bias="none", modules_to_save=saved,
                     task_type=task_type, reasons=tuple(reasons))
 

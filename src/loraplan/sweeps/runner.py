@@ -225,7 +225,7 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
     """The spec plus the config in PATH as a trial named `from_<file>` (with the seeds' grid when the
     spec names no trials of its own)."""
     from ..plan.read_config import read_plan_fields
-    from .spec import TrialSpec, seed_grid
+    from .spec import TRIAL_FIELDS, TrialSpec, seed_grid
 
     fields = read_plan_fields(path)
     unsupported = {k: v for k, v in fields.items()
@@ -233,8 +233,8 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
     if unsupported:
         raise UsageError(f"{path}: the sweep does not vary {', '.join(unsupported)}",
                          "remove them from the file, or count/train that config outside the sweep")
-    keep = ("targets", "r", "lora_alpha", "use_rslora", "use_dora", "loraplus_lr_ratio", "lora_dropout", "layers")
-    trial = TrialSpec(name=f"from_{Path(path).stem}", **{k: v for k, v in fields.items() if k in keep and v is not None})
+    trial = TrialSpec(name=f"from_{Path(path).stem}",
+                      **{k: v for k, v in fields.items() if k in TRIAL_FIELDS and v is not None})
     base = list(spec.trials or []) or ([] if spec.grid is not None else seed_grid())
     return spec.model_copy(update={"trials": base + [trial]})
 
