@@ -62,12 +62,12 @@ def test_demo_ranks_the_planted_configs_on_top(tmp_path):
     assert result.recovered, result.sweep.summary
     planted = set(result.task.modules)
     structure = load_structure(str(result.task.base))
-    ranking = result.sweep.summary["ranking"]
-    by_name = {r["name"]: r for r in result.sweep.results}
+    ranking = result.sweep.summary.ranking
+    by_name = {r.name: r for r in result.sweep.results}
 
     def covers(name):
         r = by_name[name]
-        return planted <= {m.name for m in resolve_targets(structure, r["targets"]).modules} and r["r"] >= 4
+        return planted <= {m.name for m in resolve_targets(structure, r.targets).modules} and r.r >= 4
 
     good = [n for n in ranking if covers(n)]
     bad = [n for n in ranking if not covers(n)]

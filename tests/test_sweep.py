@@ -65,7 +65,7 @@ def test_three_trials_write_the_ledger(workspace):
     from loraplan.plan.count import count
 
     for r in result.results:
-        assert r["trainable_params"] == count(model, targets=r["targets"], rank=4).trainable_params
+        assert r.trainable_params == count(model, targets=r.targets, rank=4).trainable_params
 
 
 @pytest.mark.slow
@@ -196,11 +196,11 @@ def test_successive_halving_prunes_the_worst(workspace):
     result = sweep(model, str(root / "train.jsonl"), out=out, progress=False,
                    overrides={"grid": grid, **FAST, "training.max_steps": 8, "halving.enabled": True,
                               "halving.rungs": 2})
-    statuses = {r["name"]: r["status"] for r in result.results}
+    statuses = {r.name: r.status for r in result.results}
     assert sorted(statuses.values()) == ["completed", "completed", "pruned", "pruned"]
-    pruned = [r for r in result.results if r["status"] == "pruned"]
-    assert all(r["steps"] == 4 for r in pruned) and all("successive halving" in r["message"] for r in pruned)
-    assert all((out / "trials" / r["name"] / "adapter").exists() for r in pruned)
+    pruned = [r for r in result.results if r.status == "pruned"]
+    assert all(r.steps == 4 for r in pruned) and all("successive halving" in r.message for r in pruned)
+    assert all((out / "trials" / r.name / "adapter").exists() for r in pruned)
 
 
 def test_from_file_adds_the_users_config_as_a_trial(workspace, tmp_path, capsys):

@@ -38,7 +38,7 @@ def main() -> None:
 
     from loraplan.data.batches import eval_batches, training_steps
     from loraplan.sweeps.engine import PeftEngine
-    from loraplan.sweeps.folder import SweepLedger, now
+    from loraplan.sweeps.folder import SweepFolder, now
     from loraplan.sweeps.spec import SweepSpec, TrainingSettings, expand
 
     p = argparse.ArgumentParser()
@@ -81,8 +81,8 @@ def main() -> None:
     trials = expand(SweepSpec())
     if args.only:
         trials = [t for t in trials if t.name in args.only.split(",")]
-    ledger = SweepLedger(out / f"ledger_{args.shape}")
-    ledger.open({"spec": {"bench": args.shape, "steps": args.steps}, "spec_hash": f"{args.shape}-{args.steps}-{time.time()}",
+    ledger = SweepFolder(out / f"ledger_{args.shape}")
+    ledger.open({"spec": {"bench": args.shape, "steps": args.steps}, "spec_hash": f"{args.shape}-{args.steps}",
                  "created": now()}, [t.name for t in trials])
     rows = []
     sweep_t0 = time.time()
@@ -90,15 +90,15 @@ def main() -> None:
         t0 = time.time()
         if args.profile and i == 0:
             profile(engine, trial, steps, ledger.root, out, args.shape)
-        state = engine.start(trial, ledger.recorder(trial.name), settings.model_dump())
+        state = engine.start(trial, ledger.trial(trial.name), settings.model_dump())
         engine.advance([state], steps, args.steps, evalset, settings.eval_every)
         result = engine.finish(state)
         expected_tokens = args.steps * 8 * (lo + hi) / 2  # the seed script's formula
-        row = {"config": trial.name, "status": result["status"], "trainable": result["trainable_params"],
-               "train_s": result["train_s"], "total_s": round(time.time() - t0, 2),
-               "eval_loss": result["eval_loss"], "real_tok_per_s": result["tokens_per_s"],
-               "seed_formula_tok_per_s": round(expected_tokens / result["train_s"]) if result["train_s"] else None,
-               "peak_gib": round((result["peak_memory_bytes"] or 0) / 2**30, 2)}
+        row = {"config": trial.name, "status": result.status.value, "trainable": result.trainable_params,
+               "train_s": result.train_s, "total_s": round(time.time() - t0, 2),
+               "eval_loss": result.eval_loss, "real_tok_per_s": result.tokens_per_s,
+               "seed_formula_tok_per_s": round(expected_tokens / result.train_s) if result.train_s else None,
+               "peak_gib": round((result.peak_memory_bytes or 0) / 2**30, 2)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     sweep_s = time.time() - sweep_t0
@@ -108,6 +108,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}), flush=True)
     (out / f"loraplan_sweep_{args.shape}.json").write_text(json.dumps(summary, indent=1))
     engine.close()
+    ledger.close()
 
 
 def profile(engine, trial, steps, ledger_dir: Path, out: Path, shape: str) -> None:
@@ -117,10 +118,10 @@ def profile(engine, trial, steps, ledger_dir: Path, out: Path, shape: str) -> No
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from loraplan.sweeps.folder import TrialRecorder
+    from loraplan.sweeps.folder import TrialWriter
     from loraplan.sweeps.spec import Trial
 
-    state = engine.start(Trial(name="_profile", plan=trial.plan), TrialRecorder(ledger_dir / "_profile", "_profile"), {})
+    state = engine.start(Trial(name="_profile", plan=trial.plan), TrialWriter(ledger_dir / "_profile", "_profile"), {})
     engine._train_step(state, steps[0])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch_profile(activities=activities) as prof:

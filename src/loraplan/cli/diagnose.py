@@ -53,6 +53,8 @@ def run(args) -> int:
         print(f"[{f.severity}] {f.kind.replace('_', ' ')}{arrow} · {where}{f.message}")
         if f.advice:
             print(f"    fix: {f.advice}")
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 

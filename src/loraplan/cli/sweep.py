@@ -58,6 +58,7 @@ def overrides_from_args(args) -> dict:
 
 def run(args) -> int:
     from ..plan.count import human_bytes, human_count
+    from ..sweeps.folder import TrialStatus
     from ..sweeps.runner import RESULT_HEADERS, result_rows, sweep
 
     result = sweep(args.model, config=args.config, out=args.out,
@@ -85,11 +86,11 @@ def run(args) -> int:
     print(table(RESULT_HEADERS, result_rows(result.results, result.summary), "llrrllrlllrrrl"))
     print()
     s = result.summary
-    if s.get("recommended"):
-        print(f"recommended: {s['recommended']} — {s['reason']}")
+    if s.recommended:
+        print(f"recommended: {s.recommended} — {s.reason}")
     else:
-        print(f"no recommendation: {s.get('reason')}")
+        print(f"no recommendation: {s.reason}")
     print(f"ledger: {result.out}/ (summary.md, results.csv, trials/*/adapter)")
-    if not any(r.get("status") == "completed" for r in result.results):
+    if not any(r.status is TrialStatus.COMPLETED for r in result.results):
         raise RunError("no trial completed", "see summary.md and trials/*/result.json (error.txt for failures)")
     return 0

@@ -4,7 +4,8 @@ Each trial is a named adapter on the same PeftModel (PEFT holds several adapters
 active one trains), created under the same seed, so configs with equal shapes start equal. The
 runner drives the engine through `start` / `advance` / `finish` and decides the schedule (one after
 another, or successive halving); the engine knows nothing about files — it reports through each
-trial's recorder. A faster engine can replace this one behind the same four calls.
+trial's `TrialWriter` (sweeps/folder.py). A faster engine can replace this one behind the same four
+calls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from dataclasses import dataclass, field
 from ..data.batches import MicroBatch
 from ..errors import UsageError
 from ..plan.lora_plan import LoraPlan
-from .folder import TrialRecorder, now
+from .folder import (
+    EvalBatches,
+    EvalPoint,
+    TrainPoint,
+    TrialPlan,
+    TrialResult,
+    TrialStatus,
+    TrialWriter,
+    now,
+)
 from .ranking import weighted_mean_sem
 from .spec import TrainingSettings, Trial
 
@@ -30,20 +40,21 @@ BLOWUP_FACTOR = 3.0
 @dataclass
 class TrialState:
     trial: Trial
-    recorder: TrialRecorder
+    writer: TrialWriter
     peft_config: dict
     optimizer: object = None
     scheduler: object = None
     params: list = field(default_factory=list)
     step: int = 0
-    status: str | None = None  # None while it can still train
+    status: TrialStatus | None = None  # None while it can still train
     message: str | None = None
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     train_seconds: float = 0.0
     started: float = field(default_factory=time.time)
     started_at: str = field(default_factory=now)
-    last_eval: dict | None = None
+    last_eval: EvalPoint | None = None
+    last_eval_batches: EvalBatches | None = None
     peak_memory: int | None = None
     rng: object = None
 
@@ -121,15 +132,15 @@ class PeftEngine:
 
     # -- the four calls -----------------------------------------------------------------------------
 
-    def start(self, trial: Trial, recorder: TrialRecorder, training: dict) -> TrialState:
+    def start(self, trial: Trial, writer: TrialWriter, training: dict) -> TrialState:
         """Attach a fresh adapter for the trial (seeded), its optimizer and schedule."""
         import torch
         from peft import LoraConfig, get_peft_model
 
         plan: LoraPlan = trial.plan
         kwargs = plan.to_peft_kwargs(self.structure)
-        recorder.start({"name": trial.name, "plan": plan.to_dict(), "peft_config": kwargs, "training": training})
-        state = TrialState(trial=trial, recorder=recorder, peft_config=kwargs)
+        writer.start(TrialPlan(trial.name, plan.to_dict(), kwargs, training))
+        state = TrialState(trial=trial, writer=writer, peft_config=kwargs)
         seed = self.settings.seed
         torch.manual_seed(seed)
         config = LoraConfig(**kwargs)
@@ -139,7 +150,7 @@ class PeftEngine:
             else:
                 self.peft_model.add_adapter(trial.name, config)
         except (ValueError, TypeError, RuntimeError) as e:
-            state.status, state.message = "failed", f"PEFT could not build the adapter: {e}"
+            state.status, state.message = TrialStatus.FAILED, f"PEFT could not build the adapter: {e}"
             return state
         self.peft_model.set_adapter(trial.name)
         state.params = [p for n, p in self.peft_model.named_parameters() if p.requires_grad]
@@ -157,19 +168,19 @@ class PeftEngine:
             if state.status is None:
                 self._advance_one(state, steps, until, eval_set, eval_every, progress)
 
-    def finish(self, state: TrialState, status: str | None = None, message: str | None = None) -> dict:
+    def finish(self, state: TrialState, status: TrialStatus | None = None,
+               message: str | None = None) -> TrialResult:
         """Record the trial's result, save its adapter (when it trained), and detach it."""
-        state.status = status or state.status or "completed"
+        state.status = status or state.status or TrialStatus.COMPLETED
         state.message = message or state.message
         saved = False
-        if state.status in ("completed", "pruned") and self.peft_model is not None:
+        if state.status in (TrialStatus.COMPLETED, TrialStatus.PRUNED) and self.peft_model is not None:
             try:
-                state.recorder.save_adapter(self.peft_model, state.name)
+                state.writer.save_adapter(self.peft_model, state.name)
                 saved = True
             except OSError as e:
-                state.status, state.message = "failed", f"could not save the adapter: {e}"
-        result = self._result(state, saved)
-        state.recorder.finish(result)
+                state.status, state.message = TrialStatus.FAILED, f"could not save the adapter: {e}"
+        result = state.writer.finish(self._result(state, saved))
         self._detach(state)
         return result
 
@@ -219,15 +230,16 @@ class PeftEngine:
                 if progress is not None:
                     progress(state)
                 if state.status is None and (state.step % eval_every == 0 or state.step == until):
-                    state.last_eval = self.evaluate(state, eval_set)
+                    state.last_eval, state.last_eval_batches = self.evaluate(state, eval_set)
         except torch.OutOfMemoryError as e:
-            state.status, state.message = "oom", f"out of memory at step {state.step + 1}: {str(e).splitlines()[0]}"
+            state.status, state.message = TrialStatus.OOM, f"out of memory at step {state.step + 1}: {str(e).splitlines()[0]}"
             self._release(state)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - one broken trial must not stop the sweep
-            state.status, state.message = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            (state.recorder.folder / "error.txt").write_text(traceback.format_exc())
+            state.status = TrialStatus.FAILED
+            state.message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            state.writer.write_error(traceback.format_exc())
             self._release(state)
         finally:
             state.rng = torch.get_rng_state()
@@ -259,22 +271,21 @@ class PeftEngine:
         state.step += 1
         lr = state.optimizer.param_groups[0]["lr"]
         state.losses.append(total)
-        state.recorder.log({"kind": "train", "step": state.step, "train_loss": total, "lr": lr,
-                            "tokens": state.tokens, "elapsed_s": round(time.time() - state.started, 3)})
+        state.writer.log(TrainPoint(state.step, total, lr, state.tokens, round(time.time() - state.started, 3)))
         if not math.isfinite(total):
-            state.status, state.message = "diverged", f"loss is {total} at step {state.step}"
+            state.status, state.message = TrialStatus.DIVERGED, f"loss is {total} at step {state.step}"
             state.optimizer.zero_grad(set_to_none=True)
             return
         start = sorted(state.losses[:3])[len(state.losses[:3]) // 2]
         if state.step > 3 and total > BLOWUP_FACTOR * start:
-            state.status = "diverged"
+            state.status = TrialStatus.DIVERGED
             state.message = f"loss blew up to {total:.3g} at step {state.step} (started at {start:.3g})"
             state.optimizer.zero_grad(set_to_none=True)
             return
         if self.settings.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(state.params, self.settings.max_grad_norm)
             if not torch.isfinite(norm):
-                state.status, state.message = "diverged", f"gradient norm is {float(norm)} at step {state.step}"
+                state.status, state.message = TrialStatus.DIVERGED, f"gradient norm is {float(norm)} at step {state.step}"
                 state.optimizer.zero_grad(set_to_none=True)
                 return
         state.optimizer.step()
@@ -282,7 +293,7 @@ class PeftEngine:
         state.optimizer.zero_grad(set_to_none=True)
         state.train_seconds += time.perf_counter() - t0
 
-    def evaluate(self, state: TrialState, eval_set: list[MicroBatch]) -> dict:
+    def evaluate(self, state: TrialState, eval_set: list[MicroBatch]) -> tuple[EvalPoint, EvalBatches]:
         """Token-weighted eval loss, its standard error from the per-batch losses, and the per-batch
         values (so two trials can be compared batch by batch)."""
         import torch
@@ -300,11 +311,10 @@ class PeftEngine:
                 losses.append(float(model_loss(model, ids, labels, mask, n)))
                 counts.append(n)
         mean, sem = weighted_mean_sem(losses, counts)
-        row = {"kind": "eval", "step": state.step, "eval_loss": mean, "eval_loss_sem": sem,
-               "eval_batches": len(losses), "elapsed_s": round(time.time() - state.started, 3),
-               "eval_seconds": round(time.time() - t0, 3)}
-        state.recorder.log(row)
-        return {**row, "batch_losses": losses, "batch_tokens": counts}
+        point = EvalPoint(state.step, mean, sem, len(losses), round(time.time() - state.started, 3),
+                          round(time.time() - t0, 3))
+        state.writer.log(point)
+        return point, EvalBatches(losses, counts)
 
     def _release(self, state: TrialState) -> None:
         import torch
@@ -330,36 +340,23 @@ class PeftEngine:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _result(self, state: TrialState, saved: bool) -> dict:
+    def _result(self, state: TrialState, saved: bool) -> TrialResult:
         p = state.trial.plan
         tail = state.losses[-max(1, len(state.losses) // 10):] if state.losses else []
         finite_tail = [x for x in tail if math.isfinite(x)]
-        ev = state.last_eval or {}
-        return {
-            "name": state.name,
-            "status": state.status,
-            "message": state.message,
-            "targets": p.targets,
-            "r": p.r,
-            "lora_alpha": p.alpha,
-            "use_rslora": p.use_rslora,
-            "use_dora": p.use_dora,
-            "loraplus_lr_ratio": p.loraplus_lr_ratio,
-            "lora_dropout": p.lora_dropout,
-            "trainable_params": sum(x.numel() for x in state.params) if state.params else None,
-            "eval_loss": ev.get("eval_loss"),
-            "eval_loss_sem": ev.get("eval_loss_sem"),
-            "eval_step": ev.get("step"),
-            "train_loss": sum(finite_tail) / len(finite_tail) if finite_tail else None,
-            "steps": state.step,
-            "wall_s": round(time.time() - state.started, 3),
-            "train_s": round(state.train_seconds, 3),
-            "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
-            "peak_memory_bytes": state.peak_memory,
-            "adapter": "adapter" if saved else None,
-            "eval_batches": {"loss": ev.get("batch_losses"), "tokens": ev.get("batch_tokens")} if ev else None,
-            "started": state.started_at,
-        }
+        ev = state.last_eval
+        return TrialResult(
+            name=state.name, status=state.status, message=state.message,
+            targets=p.targets, r=p.r, lora_alpha=p.alpha, use_rslora=p.use_rslora, use_dora=p.use_dora,
+            loraplus_lr_ratio=p.loraplus_lr_ratio, lora_dropout=p.lora_dropout,
+            trainable_params=sum(x.numel() for x in state.params) if state.params else None,
+            eval_loss=ev.eval_loss if ev else None, eval_loss_sem=ev.eval_loss_sem if ev else None,
+            eval_step=ev.step if ev else None,
+            train_loss=sum(finite_tail) / len(finite_tail) if finite_tail else None,
+            steps=state.step, wall_s=round(time.time() - state.started, 3), train_s=round(state.train_seconds, 3),
+            tokens_per_s=round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
+            peak_memory_bytes=state.peak_memory, adapter="adapter" if saved else None,
+            eval_batches=state.last_eval_batches if ev else None, started=state.started_at)
 
 
 def model_loss(model, ids, labels, mask, num_items: int):
