@@ -58,7 +58,8 @@ def test_moe_experts_are_parameters(structures):
 
 
 def test_literal_names_suffixes_and_regex(structures):
-    assert names(structures, "llama", "q_proj,self_attn.o_proj") == ["q_proj", "o_proj"]
+    # names reach PEFT as written (PEFT's reading is the meaning)
+    assert names(structures, "llama", "q_proj,self_attn.o_proj") == ["q_proj", "self_attn.o_proj"]
     r = resolve_targets(structures["llama"], r"re:model\.layers\.1\.self_attn\.(q|v)_proj")
     assert [m.name for m in r.modules] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     assert isinstance(r.target_modules, str)  # one layer only: PEFT needs a regex

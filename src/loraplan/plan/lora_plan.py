@@ -13,9 +13,21 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import UsageError, did_you_mean
+from ..errors import UsageError, did_you_mean, listing
 
 BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+class _DefaultDropout(float):
+    """loraplan's default lora_dropout, 0.05, told apart from the same value chosen by hand: PEFT's
+    lora.ParamWrapper (MoE experts, routers) refuses any dropout, so a plan that adapts parameters
+    exports 0 in place of the default, and is refused, as PEFT would refuse it, with a chosen one."""
+
+    def __repr__(self) -> str:
+        return "0.05"
+
+
+DEFAULT_DROPOUT = _DefaultDropout(0.05)
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,7 @@ class LoraPlan:
     use_rslora: bool = False
     use_dora: bool = False
     loraplus_lr_ratio: float | None = None
-    lora_dropout: float = 0.05
+    lora_dropout: float = DEFAULT_DROPOUT
     bias: str = "none"
     layers: str | None = None  # "0-7,30,31"; None: every layer
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
@@ -70,6 +82,11 @@ class LoraPlan:
         """The factor on B·A: alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def dropout_given(self) -> bool:
+        """A dropout chosen by hand (not loraplan's default)."""
+        return self.lora_dropout > 0 and self.lora_dropout is not DEFAULT_DROPOUT
+
     def replace(self, **changes) -> LoraPlan:
         return replace(self, **changes)
 
@@ -82,13 +99,11 @@ class LoraPlan:
     def to_peft_kwargs(self, structure) -> dict[str, Any]:
         """Keyword arguments for `peft.LoraConfig` on this model."""
         resolved = self.resolve(structure)
-        if self.use_dora and resolved.target_parameters:
-            raise UsageError("PEFT cannot apply DoRA to MoE expert parameters (lora.ParamWrapper)",
-                             "leave `experts` out of the targets or turn DoRA off")
+        parameters = parameter_refusal(structure, self, resolved)
         kwargs: dict[str, Any] = {
             "r": self.r,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0 if resolved.target_parameters else self.lora_dropout,
+            "lora_dropout": 0.0 if parameters else float(self.lora_dropout),
             "bias": self.bias,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
@@ -118,6 +133,23 @@ class LoraPlan:
     def from_mapping(cls, data: Mapping[str, Any], where: str = "config") -> LoraPlan:
         """Read a plan from PEFT / axolotl / LLaMA-Factory / torchtune / loraplan keys."""
         return cls(**plan_fields(data, where))
+
+
+def parameter_refusal(structure, plan: LoraPlan, resolved) -> bool:
+    """Whether the plan adapts parameters (PEFT's lora.ParamWrapper: MoE experts, routers); a
+    UsageError with PEFT's own words (asked of the installed PEFT when the structure was built) for
+    what ParamWrapper refuses: DoRA, a chosen dropout, lora_bias."""
+    params = [m for m in resolved.modules if m.is_parameter]
+    if not params:
+        return False
+    refusals = (structure.peft or {}).get("parameter_refusals") or {}
+    asked = {"use_dora": plan.use_dora, "lora_bias": plan.lora_bias, "lora_dropout": plan.dropout_given}
+    for setting, on in asked.items():
+        if on and setting in refusals:
+            what = listing(dict.fromkeys(m.pattern for m in params), 3)
+            raise UsageError(f"{refusals[setting]} (PEFT adapts {what} through lora.ParamWrapper)",
+                             f"turn {setting} off, or leave the parameters (experts, router) out of the targets")
+    return True
 
 
 # Ecosystem spellings -> LoraPlan fields. Values that need translating are handled below.

@@ -386,7 +386,7 @@ def _plan(task: Task, examples: int, complexity: str, complexity_given: bool, st
         reasons.append(Reason("note", f"{structure.architecture} ties lm_head to the input embeddings: PEFT's "
                                       "ensure_weight_tying=True keeps their two adapters tied (peft issue 2777)"))
     return LoraPlan(targets=targets, r=r, lora_alpha=None, use_rslora=rslora, use_dora=dora,
-                    loraplus_lr_ratio=ratio, lora_dropout=0.05, bias="none", task_type=task_type,
+                    loraplus_lr_ratio=ratio, lora_dropout=0.0 if experts else 0.05, bias="none", task_type=task_type,
                     reasons=tuple(reasons))
 
 
