@@ -527,13 +527,13 @@ def frozen_moe_notes(structure: ModelStructure, resolved: ResolvedTargets) -> li
     out = []
     total = structure.total_params or 1
     chosen = {m.name for m in resolved.modules}
-    for role, what in (("experts", "the MoE experts"), ("router", "the MoE router")):
+    for role, what in (("experts", "the MoE experts stay"), ("router", "the MoE router stays")):
         weights = [m for m in structure.modules if m.role == role]
         if not weights or any(m.name in chosen for m in weights):
             continue
         size = sum(m.weight_numel for m in weights)
         share = 100.0 * size / total
-        out.append(f"{what} stay frozen: {size:,} parameters, {share:.{2 if share >= 0.01 else 4}f}% of the model "
+        out.append(f"{what} frozen: {size:,} parameters, {share:.{2 if share >= 0.01 else 4}f}% of the model "
                    f"(add '{role}' to the targets to adapt {'them' if role == 'experts' else 'it'})")
     return out
 

@@ -123,6 +123,7 @@ class LoraPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["lora_dropout"] = float(self.lora_dropout)
         data["rank_pattern"] = dict(self.rank_pattern)
         data["alpha_pattern"] = dict(self.alpha_pattern)
         data["modules_to_save"] = list(self.modules_to_save)
