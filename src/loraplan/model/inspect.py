@@ -84,13 +84,16 @@ def inspect_structure(structure: ModelStructure) -> Inspection:
             count=len(members), params=0 if tied else weight, peft_name=peft_name,
             layers=format_layers(layers) if layers else "", tied=tied, shape=first.shape_text))
     roles: dict[str, list[str]] = {}
-    for key in [r for r in ROLES if r != "other"] + list(GROUPS) + ["all-linear"]:
+    present = {m.role for m in structure.modules}
+    for key in [r for r in ROLES if r in present and r != "other"] + list(GROUPS) + ["all-linear"]:
         try:
             resolved = resolve_targets(structure, key)
         except UsageError:
             continue
-        names = resolved.target_modules
-        roles[key] = ([names] if isinstance(names, str) else list(names)) + list(resolved.target_parameters)
+        names, params = resolved.target_modules, resolved.target_parameters
+        if key == "all-linear":  # what PEFT reads the preset as on this model, in names
+            names, params = peft_arguments(structure, resolved.modules, None)
+        roles[key] = ([names] if isinstance(names, str) else list(names)) + list(params)
     notes = []
     moe = moe_layout(structure)
     if moe:
@@ -100,7 +103,8 @@ def inspect_structure(structure: ModelStructure) -> Inspection:
                      "(tied embeddings): counted once")
     if structure.moe_renames:
         renamed = ", ".join(structure.moe_renames["renames"])
-        notes.append(f"PEFT rewrites the v4 names {renamed} to the fused expert parameters on this model")
+        notes.append(f"PEFT rewrites the v4 names {renamed} to the fused expert parameters (and `gate` to the "
+                     "router's weight) on this model, layers of those names included")
     return Inspection(structure=structure, groups=groups, roles=roles, notes=notes, moe=moe)
 
 

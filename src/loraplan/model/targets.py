@@ -395,6 +395,11 @@ def _missing_roles(structure: ModelStructure, item: str, roles: Sequence[str]) -
     if "experts" in present and set(roles) & {"gate", "up", "down"}:
         return UsageError(f"'{item}': {arch} has no dense MLP {'/'.join(roles)} projection; its MLP is MoE experts",
                           "target 'experts' (or 'mlp'); the router is role 'router'")
+    if any(m.block == "ssm" for m in structure.modules) and set(roles) & set(ATTENTION_ROLES + MLP_ROLES):
+        what = "attention" if set(roles) & set(ATTENTION_ROLES) else "MLP"
+        return UsageError(f"'{item}': {arch} has no {what} weights; its layers are state-space (Mamba-style) mixers",
+                          f"target 'ssm' (the mixer projections PEFT can adapt) or the ssm_* roles; roles this "
+                          f"model has: {', '.join(r for r in present if r != 'other')}")
     others = [m for m in structure.modules if m.role == "other" and m.kind in _GROUP_KINDS + ("param",)]
     hint = f"roles this model has: {', '.join(r for r in present if r != 'other')}"
     if others:
