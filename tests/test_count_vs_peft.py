@@ -188,3 +188,16 @@ def test_sequential_mlp_roles_and_a_regex_that_skips_the_relu():
     assert (ours.trainable_params, ours.total_params) == peft_counts(base, plan, structure)
     plan = LoraPlan(targets="up", r=4, layers="1")
     assert count_plan(structure, plan).trainable_params == peft_counts(base, plan, structure)[0]
+
+
+@pytest.mark.parametrize("spec", ["attention", "all", "experts,q"])
+def test_layer_selection_on_moe_stays_in_the_layers(spec):
+    """PEFT's MoE conversion reads a regex as leaf names (every layer) and applies layers_to_transform
+    to no target_parameters: loraplan's arguments keep a layer selection anyway."""
+    base = make_model("qwen3_moe")
+    structure = read_structure(base)
+    plan = LoraPlan(targets=spec, r=4, layers="1", lora_dropout=0.0)
+    ours = count_plan(structure, plan)
+    assert {m.layer for m in ours.targets.modules} == {1}
+    assert not any("PEFT also adapts" in n or "every layer" in n for n in ours.notes)
+    assert (ours.trainable_params, ours.total_params) == peft_counts(base, plan, structure)

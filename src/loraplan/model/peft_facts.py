@@ -4,10 +4,11 @@ The meaning of a LoRA target is PEFT's, and it moves between releases: with tran
 0.21 reads `all-linear` on an MoE model as the attention projections *plus* the fused expert
 parameters and the router (its transformers-v5 MoE conversion); it refuses Mamba's `out_proj` and
 `conv1d`; its `lora.ParamWrapper` (expert parameters) refuses DoRA and dropout. So loraplan asks
-PEFT instead of restating it: the preset is expanded by PEFT's own `inject_adapter_in_model` on a
-meta-device copy of the model (no memory), which leaves the concrete `target_modules` /
-`target_parameters` / `rank_pattern` PEFT derived in the config; the names PEFT refuses and the
-settings ParamWrapper refuses are PEFT's own checks, called here.
+PEFT instead of restating it: the preset is expanded by the functions PEFT's injection calls (its
+MoE conversion, then its all-linear expansion), which leave in the config the concrete
+`target_modules` / `target_parameters` / `rank_pattern` PEFT derived; the v4 MoE names PEFT
+rewrites are its own tables; the names PEFT refuses and the settings its ParamWrapper refuses are
+PEFT's own checks, called here.
 
 Importing PEFT costs seconds, too slow for every `count`, so the answers are stored with the
 structure (its cache key holds the PEFT version) and `targets.py` replays PEFT's name matching
@@ -44,17 +45,27 @@ def ask_peft(model) -> dict:
 def all_linear(model) -> dict:
     """`target_modules="all-linear"` as PEFT reads it on MODEL: the config PEFT ends up with after
     its MoE conversion and the preset's expansion, with r = lora_alpha = 1 (so rank_pattern and
-    alpha_pattern hold multipliers), or PEFT's refusal."""
-    from peft import LoraConfig, inject_adapter_in_model
+    alpha_pattern hold multipliers), or PEFT's refusal.
 
-    config = LoraConfig(target_modules="all-linear", r=1, lora_alpha=1)
+    The two steps are the functions `BaseTuner.inject_adapter` calls first, in its order; they only
+    read the model (a 405B config takes milliseconds, not the seconds of building its adapters).
+    Where this PEFT lacks them, the adapter is injected into a meta-device copy instead.
+    """
+    from peft import LoraConfig
+
+    # PEFT leaves a classifier head out of all-linear for task_type SEQ_CLS (the head has no output embeddings)
+    task_type = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None
+    config = LoraConfig(target_modules="all-linear", r=1, lora_alpha=1, task_type=task_type)
     error = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            inject_adapter_in_model(config, meta_copy(model))
-        except (ValueError, TypeError, RuntimeError) as e:  # PEFT's refusal (e.g. Mamba's out_proj)
-            error = first_line(e)
+            from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+        except ImportError:
+            error = _inject(config, model)
+        else:
+            _convert_moe(config, model)
+            _maybe_include_all_linear_layers(config, model)
     modules = config.target_modules
     return {
         "target_modules": modules if isinstance(modules, str) else sorted(modules or ()),
@@ -63,6 +74,59 @@ def all_linear(model) -> dict:
         "alpha_pattern": dict(config.alpha_pattern or {}),
         "error": error,
     }
+
+
+def _convert_moe(config, model) -> None:
+    """PEFT's transformers-v5 MoE conversion of CONFIG (in place), where this PEFT and transformers have it."""
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # transformers 4: nothing to convert
+        return
+    if hasattr(getattr(model, "config", None), "model_type"):
+        convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+
+
+def _inject(config, model) -> str | None:
+    from peft import inject_adapter_in_model
+
+    try:
+        inject_adapter_in_model(config, meta_copy(model))
+    except (ValueError, TypeError, RuntimeError) as e:  # PEFT's refusal (e.g. Mamba's out_proj)
+        return first_line(e)
+    return None
+
+
+def peft_moe_renames(model_type: str) -> dict | None:
+    """PEFT's own table of v4 MoE names it rewrites on transformers v5 for this model type.
+
+    With transformers >= 5, `get_peft_model` rewrites target names such as `gate_proj`/`up_proj`/
+    `down_proj` (or Mixtral's `w1`/`w2`/`w3`) to the fused expert parameters, doubling rank and
+    alpha where two were fused (peft/utils/transformers_weight_conversion.py). Read from PEFT so
+    that loraplan follows the installed version.
+    """
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_FUSED_TARGETS,
+            _MOE_TARGET_MODULE_MAPPING,
+            get_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # transformers 4, or a PEFT without the conversion
+        return None
+    try:
+        if get_checkpoint_conversion_mapping(model_type) is None:
+            return None
+    except Exception:  # noqa: BLE001 - an unknown model type simply has no conversion
+        return None
+    base = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    renames = _MOE_TARGET_MODULE_MAPPING.get(base or "")
+    fused = _MOE_FUSED_TARGETS.get(base or "")
+    if not renames or not fused:
+        return None
+    return {"renames": dict(renames), "fused": {k: list(v) for k, v in fused.items()}}
 
 
 def refused_names(model) -> dict[str, str]:

@@ -333,7 +333,7 @@ def instantiate_on_meta(config, architecture: str | None = None, trust_remote_co
 
 def read_structure(model, source: str = "") -> ModelStructure:
     """Read a structure off an instantiated model (meta or real weights; it is not changed)."""
-    from .peft_facts import ask_peft
+    from .peft_facts import ask_peft, peft_moe_renames
     from .roles import assign_roles
 
     modules, names, classes = [], [], {}
@@ -368,36 +368,6 @@ def read_structure(model, source: str = "") -> ModelStructure:
     )
     structure.modules = assign_roles(structure)
     return structure
-
-
-def peft_moe_renames(model_type: str) -> dict | None:
-    """PEFT's own table of v4 MoE names it rewrites on transformers v5 for this model type.
-
-    With transformers >= 5, `get_peft_model` rewrites target names such as `gate_proj`/`up_proj`/
-    `down_proj` (or Mixtral's `w1`/`w2`/`w3`) to the fused expert parameters, doubling rank and
-    alpha where two were fused (peft/utils/transformers_weight_conversion.py). Read from PEFT so
-    that loraplan follows the installed version.
-    """
-    try:
-        from peft.utils.transformers_weight_conversion import (
-            _MODEL_TO_CONVERSION_PATTERN,
-            _MOE_FUSED_TARGETS,
-            _MOE_TARGET_MODULE_MAPPING,
-            get_checkpoint_conversion_mapping,
-        )
-    except ImportError:  # transformers 4, or a PEFT without the conversion
-        return None
-    try:
-        if get_checkpoint_conversion_mapping(model_type) is None:
-            return None
-    except Exception:  # noqa: BLE001 - an unknown model type simply has no conversion
-        return None
-    base = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
-    renames = _MOE_TARGET_MODULE_MAPPING.get(base or "")
-    fused = _MOE_FUSED_TARGETS.get(base or "")
-    if not renames or not fused:
-        return None
-    return {"renames": dict(renames), "fused": {k: list(v) for k, v in fused.items()}}
 
 
 def _numel(p) -> int:

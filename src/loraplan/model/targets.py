@@ -136,7 +136,7 @@ def resolve_targets(model, targets: str | Sequence[str], layers: Iterable[int] |
         raise
     chosen = list(selection.modules)
     if intended is not None:
-        notes.extend(_differences(structure, intended, chosen))
+        notes.extend(_differences(intended, chosen, layer_list))
     if is_all_linear(target_modules):
         notes.extend(_all_linear_notes(structure, selection))
     factors = {**factors, **selection.rank_factors}
@@ -194,8 +194,8 @@ def _request(structure: ModelStructure, items: list[str], layers: list[int] | No
         if outside:
             notes.append(f"layers_to_transform leaves out weights outside the layer stack "
                          f"({listing(dict.fromkeys(m.pattern for m in outside))}), as PEFT does")
-        generated = [m for m in generated if m.layer in layers]
-        if not generated and literal is None:
+        generated = [m for m in generated if m.layer is not None]
+        if not any(m.layer in layers for m in generated) and literal is None:
             raise UsageError(f"no target weights in layers {format_layers(layers)}",
                              f"{structure.architecture} has layers 0-{structure.num_layers - 1}")
     literal_modules = [m for m in literal.modules if not m.is_parameter] if literal else []
@@ -211,7 +211,8 @@ def _request(structure: ModelStructure, items: list[str], layers: list[int] | No
     target_modules: list[str] | str = names if isinstance(names, str) else list(dict.fromkeys(literals + names))
     literal_param_names = [m.name for m in literal_params] if layers is not None else picks.parameters
     target_parameters = list(dict.fromkeys(literal_param_names + params))
-    intended = {m.name: m for m in generated + literal_modules + literal_params}
+    in_layers = [m for m in generated if layers is None or m.layer in layers]
+    intended = {m.name: m for m in in_layers + literal_modules + literal_params}
     wanted = [m for m in structure.modules if m.name in intended] + [
         m for name, m in intended.items() if name not in structure.by_name]
     wanted = [m for m in wanted if not _excluded(m, exclude)]
@@ -346,14 +347,19 @@ def _drop_renamed(structure: ModelStructure, selected: dict[str, ModuleInfo], no
     return dropped
 
 
-def _differences(structure: ModelStructure, intended: list[ModuleInfo], chosen: list[ModuleInfo]) -> list[str]:
+def _differences(intended: list[ModuleInfo], chosen: list[ModuleInfo], layers: list[int] | None) -> list[str]:
     """Where PEFT's reading of the arguments differs from what the spec means (a safety net: the
-    arguments are built to agree)."""
+    arguments are built to agree, but a v4 MoE name PEFT converts to target_parameters escapes
+    layers_to_transform)."""
     want, got = {m.name for m in intended}, {m.name for m in chosen}
     out = []
-    if got - want:
-        extra = [m.pattern for m in chosen if m.name not in want]
-        out.append(f"PEFT also adapts {listing(dict.fromkeys(extra), 6)} with these arguments (counted)")
+    extra = [m for m in chosen if m.name not in want]
+    if extra and layers is not None and all(m.is_parameter for m in extra):
+        out.append(f"PEFT applies layers_to_transform to no target_parameters: it adapts "
+                   f"{listing(dict.fromkeys(m.pattern for m in extra), 6)} in every layer (counted)")
+    elif extra:
+        out.append(f"PEFT also adapts {listing(dict.fromkeys(m.pattern for m in extra), 6)} with these "
+                   "arguments (counted)")
     if want - got:
         missing = [m.pattern for m in intended if m.name not in got]
         out.append(f"PEFT does not adapt {listing(dict.fromkeys(missing), 6)} with these arguments (not counted)")
@@ -438,7 +444,8 @@ def peft_arguments(structure: ModelStructure, chosen: Sequence[ModuleInfo],
     suffixes = _unique_suffixes([m.name for m in module_targets], wanted, structure.module_names)
     if suffixes is None:
         kept = [m for m in module_targets if layers is None or m.layer in layers]
-        target_modules: list[str] | str = _regex_for(kept, structure)
+        # PEFT's MoE conversion reads a regex as the leaf names it matches (every layer): full names then
+        target_modules: list[str] | str = [m.name for m in kept] if structure.moe_renames else _regex_for(kept, structure)
     else:
         target_modules = suffixes
     if layers is not None:
