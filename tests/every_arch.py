@@ -188,12 +188,15 @@ def compare(model_type: str, spec: str) -> Outcome:
     from loraplan.plan.count import count_plan
     from loraplan.plan.lora_plan import LoraPlan
 
-    structure = load_structure(config_folder(model_type))
     name, _, option = spec.partition("+")
     dora = option == "dora"
+    ours = theirs = None
+    try:  # transformers wrote this config.json itself: not reading it is a crash, whatever the error
+        structure = load_structure(config_folder(model_type))
+    except Exception as e:  # noqa: BLE001
+        return Outcome("crash", f"reading the config: {type(e).__name__}: {e}")
     targets = literal_name(structure) if name == "literal" else name
     plan = LoraPlan(targets=targets, r=R, use_dora=dora)
-    ours = theirs = None
     try:
         result = count_plan(structure, plan)
         ours = (result.trainable_params, result.total_params)

@@ -114,7 +114,13 @@ def _context(name: str, classes: dict[str, str]) -> str | None:
     return None
 
 
-def role_of(module, structure) -> tuple[str, str | None, str | None]:
+def role_of(module, structure) -> tuple[str, str | None]:
+    """(role, guess) for one adaptable weight (a `ModuleInfo`) of `structure` (a `ModelStructure`)."""
+    role, guess, _ = classify(module, structure)
+    return role, guess
+
+
+def classify(module, structure) -> tuple[str, str | None, str | None]:
     """(role, guess, block) for one adaptable weight (a `ModuleInfo`) of `structure` (a
     `ModelStructure`). structure.py calls this while it builds one, so this module imports nothing
     from it. `block` (attention, mlp, ssm or None) is what the groups `attention`, `mlp` and `ssm`
@@ -217,6 +223,6 @@ def _guess_from_path(name: str) -> str:
 def assign_roles(structure) -> list:
     out = []
     for m in structure.modules:
-        role, guess, block = role_of(m, structure)
+        role, guess, block = classify(m, structure)
         out.append(replace(m, role=role, guess=guess, block=block))
     return out

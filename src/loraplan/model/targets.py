@@ -121,7 +121,7 @@ def resolve_targets(model, targets: str | Sequence[str], layers: Iterable[int] |
         target_parameters: list[str] = []
         intended = None
         factors: dict[str, int] = {}
-    elif len(items) == 1 and items[0].startswith("re:"):
+    elif len(items) == 1 and items[0].startswith("re:") and layer_list is None:  # PEFT reads a regex as is
         target_modules, target_parameters, intended, factors = _compile(items[0][3:]), [], None, {}
     else:
         target_modules, target_parameters, intended, factors = _request(structure, items, layer_list, exclude,
