@@ -233,7 +233,9 @@ def test_from_peft_regex_target_modules(structures, tmp_path):
         {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": r".*\.self_attn\.(q_proj|v_proj)",
          "newer_peft_key": 1}))
     plan = read_plan(tmp_path)
-    assert plan.resolve(structures["llama"]).target_modules == ["q_proj", "v_proj"]
+    resolved = plan.resolve(structures["llama"])
+    assert resolved.target_modules == r".*\.self_attn\.(q_proj|v_proj)"  # handed back to PEFT as it reads it
+    assert {m.leaf for m in resolved.modules} == {"q_proj", "v_proj"}
 
 
 @pytest.mark.parametrize("name, text, words", [

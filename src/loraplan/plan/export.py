@@ -117,7 +117,7 @@ def _peft_kwargs_by_name(plan: LoraPlan) -> dict[str, Any]:
         target_modules = items
     kwargs: dict[str, Any] = {
         "r": plan.r, "lora_alpha": plan.alpha, "target_modules": target_modules,
-        "lora_dropout": plan.lora_dropout, "bias": plan.bias, "use_rslora": plan.use_rslora,
+        "lora_dropout": float(plan.lora_dropout), "bias": plan.bias, "use_rslora": plan.use_rslora,
         "use_dora": plan.use_dora, "task_type": plan.task_type,
     }
     if plan.layers is not None:

@@ -13,9 +13,21 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import UsageError, did_you_mean
+from ..errors import UsageError, did_you_mean, listing
 
 BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+class _DefaultDropout(float):
+    """loraplan's default lora_dropout, 0.05, told apart from the same value chosen by hand: PEFT's
+    lora.ParamWrapper (MoE experts, routers) refuses any dropout, so a plan that adapts parameters
+    exports 0 in place of the default, and is refused, as PEFT would refuse it, with a chosen one."""
+
+    def __repr__(self) -> str:
+        return "0.05"
+
+
+DEFAULT_DROPOUT = _DefaultDropout(0.05)
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,7 @@ class LoraPlan:
     use_dora: bool = field(default=False, metadata=_help("DoRA: a learned magnitude vector per output"))
     loraplus_lr_ratio: float | None = field(default=None, metadata=_help(
         "LoRA+: lora_B's learning rate over lora_A's (e.g. 16); null: one learning rate"))
-    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA path's input, in [0, 1)"))
+    lora_dropout: float = field(default=DEFAULT_DROPOUT, metadata=_help("dropout on the LoRA path's input, in [0, 1)"))
     bias: str = field(default="none", metadata=_help("PEFT bias option: none, all or lora_only"))
     layers: str | None = field(default=None, metadata=_help(
         "only these layers, as PEFT's layers_to_transform: e.g. 0-7,30,31 or -8: for the last 8; null: every layer"))
@@ -111,6 +123,11 @@ class LoraPlan:
         """The factor on B·A: alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def dropout_given(self) -> bool:
+        """A dropout chosen by hand (not loraplan's default)."""
+        return self.lora_dropout > 0 and self.lora_dropout is not DEFAULT_DROPOUT
+
     def replace(self, **changes) -> LoraPlan:
         return replace(self, **changes)
 
@@ -123,13 +140,11 @@ class LoraPlan:
     def to_peft_kwargs(self, structure) -> dict[str, Any]:
         """Keyword arguments for `peft.LoraConfig` on this model."""
         resolved = self.resolve(structure)
-        if self.use_dora and resolved.target_parameters:
-            raise UsageError("PEFT cannot apply DoRA to MoE expert parameters (lora.ParamWrapper)",
-                             "leave `experts` out of the targets or turn DoRA off")
+        parameters = parameter_refusal(structure, self, resolved)
         kwargs: dict[str, Any] = {
             "r": self.r,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0 if resolved.target_parameters else self.lora_dropout,
+            "lora_dropout": 0.0 if parameters else float(self.lora_dropout),
             "bias": self.bias,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
@@ -149,6 +164,7 @@ class LoraPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["lora_dropout"] = float(self.lora_dropout)
         data["rank_pattern"] = dict(self.rank_pattern)
         data["alpha_pattern"] = dict(self.alpha_pattern)
         data["modules_to_save"] = list(self.modules_to_save)
@@ -159,6 +175,23 @@ class LoraPlan:
     def from_mapping(cls, data: Mapping[str, Any], where: str = "config") -> LoraPlan:
         """Read a plan from PEFT / axolotl / LLaMA-Factory / torchtune / loraplan keys."""
         return cls(**plan_fields(data, where))
+
+
+def parameter_refusal(structure, plan: LoraPlan, resolved) -> bool:
+    """Whether the plan adapts parameters (PEFT's lora.ParamWrapper: MoE experts, routers); a
+    UsageError with PEFT's own words (asked of the installed PEFT when the structure was built) for
+    what ParamWrapper refuses: DoRA, a chosen dropout, lora_bias."""
+    params = [m for m in resolved.modules if m.is_parameter]
+    if not params:
+        return False
+    refusals = (structure.peft or {}).get("parameter_refusals") or {}
+    asked = {"use_dora": plan.use_dora, "lora_bias": plan.lora_bias, "lora_dropout": plan.dropout_given}
+    for setting, on in asked.items():
+        if on and setting in refusals:
+            what = listing(dict.fromkeys(m.pattern for m in params), 3)
+            raise UsageError(f"{refusals[setting]} (PEFT adapts {what} through lora.ParamWrapper)",
+                             f"turn {setting} off, or leave the parameters (experts, router) out of the targets")
+    return True
 
 
 # Ecosystem spellings -> LoraPlan fields. Values that need translating are handled below.

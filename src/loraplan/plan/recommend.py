@@ -400,7 +400,7 @@ def _plan(task: Task, examples: int, complexity: str, complexity_given: bool, st
                                       "unties them; PEFT's ensure_weight_tying=True (axolotl peft_ensure_weight_tying) "
                                       "keeps one, about half the trainable parameters"))
     return LoraPlan(targets=targets, r=r, lora_alpha=alpha_for(DEFAULT_POLICY, r), use_rslora=rslora, use_dora=dora,
-                    loraplus_lr_ratio=ratio, lora_dropout=0.05, bias="none", modules_to_save=saved,
+                    loraplus_lr_ratio=ratio, lora_dropout=0.0 if experts else 0.05, bias="none", modules_to_save=saved,
                     task_type=task_type, reasons=tuple(reasons))
 
 

@@ -238,6 +238,8 @@ def reference() -> str:
 def _yaml_value(value) -> str:
     if isinstance(value, BaseModel):
         return "(section)"
+    if isinstance(value, float):  # LoraPlan's DEFAULT_DROPOUT is a float subclass yaml would not know
+        value = float(value)
     return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
 
 
