@@ -34,6 +34,7 @@ def test_attention_and_expert_trials_complete_and_the_expert_adapter_reloads(moe
     import torch
     from peft import PeftModel
 
+    from loraplan.adapter.analyze import analyze
     from loraplan.autograd.lm_loss import causal_lm_loss_sum
     from loraplan.data.batches import eval_batches
     from loraplan.data.load import load_data
@@ -67,10 +68,12 @@ def test_attention_and_expert_trials_complete_and_the_expert_adapter_reloads(moe
             losses.append(float(causal_lm_loss_sum(logits, labels)) / mb.supervised)
             counts.append(mb.supervised)
     assert weighted_mean_sem(losses, counts)[0] == pytest.approx(by_name["experts_r4"]["eval_loss"], abs=1e-5)
-    # the experts moved: the adapter is not the base model
+    # the experts moved: the adapter is not the base model, and analyze reads it per expert
     with torch.no_grad():
         base_logits = load_model(model, dtype="fp32", device="cpu")(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(base_logits, logits)
+    spectra = analyze(out / "trials" / "experts_r4").spectra
+    assert len(spectra) == 2 * 2 * 4 and all(s.role == "experts" and s.energy > 0 for s in spectra)
 
 
 @pytest.mark.slow
