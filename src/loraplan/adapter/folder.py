@@ -373,7 +373,7 @@ def _with_roles(weights: list[AdaptedWeight], structure: ModelStructure | None) 
         if info is not None:
             role, guess = info.role, info.guess
         else:
-            role, guess = role_of(_module_info(w), stand_in)
+            role, guess = role_of(_module_info(w), stand_in)[:2]  # (role, guess[, block])
         out.append(replace(w, role=role, guess=guess))
     return out
 

@@ -160,10 +160,13 @@ def expand(spec: SweepSpec) -> list[Trial]:
     specs: list[TrialSpec] = []
     if spec.grid is not None:
         g = spec.grid
+        # a dropout left to the default stays loraplan's default (PEFT's ParamWrapper on MoE experts
+        # takes none, so the plan drops it there; a dropout chosen by hand is the user's)
+        dropout = {"lora_dropout": g.lora_dropout} if "lora_dropout" in g.model_fields_set else {}
         for targets, r, alpha, rs, dora, lp in itertools.product(
                 g.targets, g.r, g.alpha, g.rslora, g.dora, g.loraplus_lr_ratio):
             specs.append(TrialSpec(targets=targets, r=r, lora_alpha=_alpha_for(alpha, r), use_rslora=rs,
-                                   use_dora=dora, loraplus_lr_ratio=lp, lora_dropout=g.lora_dropout))
+                                   use_dora=dora, loraplus_lr_ratio=lp, **dropout))
     specs.extend(spec.trials or [])
     if not specs:
         specs = seed_grid()
@@ -174,9 +177,9 @@ def expand(spec: SweepSpec) -> list[Trial]:
         while name in seen:
             name, k = f"{base}_{k}", k + 1
         seen.add(name)
+        dropout = {"lora_dropout": t.lora_dropout} if "lora_dropout" in t.model_fields_set else {}
         plan = LoraPlan(targets=t.targets, r=t.r, lora_alpha=t.lora_alpha, use_rslora=t.use_rslora,
-                        use_dora=t.use_dora, loraplus_lr_ratio=t.loraplus_lr_ratio, lora_dropout=t.lora_dropout,
-                        layers=t.layers)
+                        use_dora=t.use_dora, loraplus_lr_ratio=t.loraplus_lr_ratio, layers=t.layers, **dropout)
         trials.append(Trial(name=name, plan=plan))
     return trials
 
