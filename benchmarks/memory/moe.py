@@ -117,6 +117,8 @@ def run_case(base, peft_kwargs: dict, batch: int, seq: int, vocab: int, device: 
         model.train()
         row["peft_trainable"] = model.get_nb_trainable_parameters()[0]
         row["experts_implementation"] = getattr(base.config, "_experts_implementation", None)
+        row["grouped_mm"] = ("torch.nn.functional.grouped_mm" if hasattr(torch.nn.functional, "grouped_mm")
+                             else "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else "fallback")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
         row["adapter_allocated"] = memory.allocated()
         shape = SimpleNamespace(batch_size=batch, seq_len=seq)

@@ -803,7 +803,7 @@ def estimate_memory(structure: ModelStructure, plan: LoraPlan, batch_size: int, 
     totals = {name: sum(t.bytes for t in terms) for name, terms in phases.items()}
     peak = max(totals, key=totals.get)
     peak_terms = [t for t in phases[peak] if t.bytes]
-    if peak != "optimizer step":
+    if peak != "optimizer step" and not any(t.name.startswith("LoRA gradients") for t in peak_terms):
         peak_terms.append(MemoryTerm("LoRA gradients", 0,
                                      f"{human_bytes(trainable.bytes)}, allocated during backward after "
                                      f"this peak ({peak}); freed by zero_grad before the next"))
@@ -813,7 +813,7 @@ def estimate_memory(structure: ModelStructure, plan: LoraPlan, batch_size: int, 
         batch_size=batch_size, seq_len=seq_len, dtype=dtype, quant=None if quant == "none" else quant,
         grad_ckpt=grad_ckpt, optimizer=optimizer, plan=plan, double_quant=double_quant,
         peak_phase=peak, phases={k: persistent_total + val for k, val in totals.items()},
-        notes=list(counted.targets.notes) + _notes(step, structure, quant),
+        notes=list(counted.targets.notes) + _notes(step, structure, quant) + _expert_copy_note(layers, grad_ckpt),
         model=structure.source, saved_bytes=sum(t.bytes for t in held) + loss_saved.bytes,
         _structure=structure,
     )
@@ -903,8 +903,8 @@ def _loss_forward_term(v: int, n: int, logit: int, kv_cache: int) -> MemoryTerm:
 
 def _checkpoint_term(layers: int, act: int, hidden: int, n: int) -> MemoryTerm:
     return MemoryTerm("checkpointed layer inputs", layers * act * hidden * n,
-                      f"{layers} layers × {act} B × hidden {hidden:,} × {n:,} tokens (each checkpoint keeps its "
-                      "layer's input)")
+                      f"{layers} layer{'s' if layers != 1 else ''} × {act} B × hidden {hidden:,} × {n:,} tokens "
+                      "(each checkpoint keeps its layer's input)")
 
 
 def _dora_transient_term(value: int) -> MemoryTerm:
@@ -1046,6 +1046,17 @@ def _weight_terms(structure: ModelStructure, dtype: str, quant: str, double_quan
                    f"1 B × {q_params:,} params + fp32 scale per output row (LLM.int8, Dettmers et al. 2022)"),
         rest_term,
     ]
+
+
+def _expert_copy_note(layers: list[_LayerSaved], grad_ckpt: bool) -> list[str]:
+    copies = sum(x.fixed[_EXPERTS_FIXED] for x in layers)
+    if not copies:
+        return []
+    if grad_ckpt:
+        return ["PEFT's expert path (lora.ParamWrapper) makes a W + ΔW copy of each adapted expert stack; with "
+                "checkpointing only the layer being recomputed holds one"]
+    return [f"PEFT's expert path (lora.ParamWrapper) keeps a W + ΔW copy of every adapted expert stack until backward: "
+            f"{human_bytes(copies)} here; gradient checkpointing (--grad-ckpt) keeps one layer's at a time"]
 
 
 def _notes(step: _Step, structure: ModelStructure, quant: str) -> list[str]:
