@@ -403,6 +403,20 @@ def test_moe_peak_of_a_training_step(family, targets, extra, config, ckpt, phase
     assert math.isclose(predicted, measured, rel_tol=0.02 if ckpt else 0.01), (predicted, measured)
 
 
+@pytest.mark.slow
+def test_moe_peak_in_the_fp32_routing_weight_backward():
+    """Mixtral multiplies the expert outputs by fp32 routing weights: with a wide hidden size the
+    gradient of that product (fp32, a product per input and the cast back) holds the peak."""
+    plan = LoraPlan(targets="attention", r=4, lora_dropout=0.0)
+    model, structure = _tiny_peft(plan, family="mixtral", vocab_size=32, hidden_size=256, intermediate_size=32)
+    measured = _peak_of_steps(model, 2, 32)
+    estimate = estimate_memory(structure, plan, 2, 32, runtime=CPU)
+    predicted = estimate.total_bytes - sum(t.bytes for t in estimate.terms
+                                           if t.name in ("base weights", "LoRA weights", "cuBLAS workspaces"))
+    assert estimate.peak_phase == "last layer backward"
+    assert math.isclose(predicted, measured, rel_tol=0.01), (predicted, measured)
+
+
 def test_moe_terms_by_hand_qwen3_30b_a3b():
     """12 layers of Qwen3-30B-A3B (E = 128, top-8, H = 2048, I = 768), bf16, 1 × 2048 tokens."""
     from loraplan.model.loading import load_structure, make_config, read_config_dict

@@ -627,7 +627,8 @@ def _moe_saved(step: _Step, moe: _Moe, adapters: dict[str, list[tuple[ModuleInfo
         saved["MoE experts"] += k * weights  # the routing weight, kept for the output's gradient
     if o_g or logits_g:
         saved["MoE experts"] += 8 * k  # out[inv_perm] keeps inv_perm
-    out.moe_backward = _moe_backward(step, moe, g, logits_g, first_r, down_r)
+    if o_g or logits_g:
+        out.moe_backward = _moe_backward(step, moe, g, logits_g, first_r, down_r)
     return o_g or logits_g
 
 
