@@ -1,7 +1,10 @@
 """The PEFT engine: trains a group of LoRA trials on one frozen base model, loaded once.
 
 Each trial is a named adapter on the same PeftModel (PEFT holds several adapters at once; only the
-active one trains), created under the same seed, so configs with equal shapes start equal. The
+active one trains), created under the same seed, so configs with equal shapes start equal. PEFT
+lets adapters share a model only when their `target_parameters` (MoE experts, routers) are the same
+set: a trial that needs another set parks the others (weights, optimizer and schedule kept, their
+adapters removed) and each comes back when it next trains or is saved. The
 runner drives the engine through `start` / `advance` / `finish` and decides the schedule (one after
 another, or successive halving); the engine knows nothing about files — it reports through each
 trial's `TrialWriter` (sweeps/folder.py). A faster engine can replace this one behind the same four
@@ -57,6 +60,7 @@ class TrialState:
     last_eval_batches: EvalBatches | None = None
     peak_memory: int | None = None
     rng: object = None
+    parked: dict | None = None  # while its adapter is off the model: weights, optimizer and schedule state
 
     @property
     def name(self) -> str:
@@ -90,6 +94,7 @@ class PeftEngine:
         self.device = None
         self.pad_id = 0
         self.pad_multiple = 1
+        self.live: dict[str, TrialState] = {}  # started and not finished, attached or parked
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -135,7 +140,6 @@ class PeftEngine:
     def start(self, trial: Trial, writer: TrialWriter, training: dict) -> TrialState:
         """Attach a fresh adapter for the trial (seeded), its optimizer and schedule."""
         import torch
-        from peft import LoraConfig, get_peft_model
 
         plan: LoraPlan = trial.plan
         kwargs = plan.to_peft_kwargs(self.structure)
@@ -143,17 +147,12 @@ class PeftEngine:
         state = TrialState(trial=trial, writer=writer, peft_config=kwargs)
         seed = self.settings.seed
         torch.manual_seed(seed)
-        config = LoraConfig(**kwargs)
         try:
-            if self.peft_model is None:
-                self.peft_model = get_peft_model(self.base, config, adapter_name=trial.name)
-            else:
-                self.peft_model.add_adapter(trial.name, config)
+            self._attach(state)
         except (ValueError, TypeError, RuntimeError) as e:
             state.status, state.message = TrialStatus.FAILED, f"PEFT could not build the adapter: {e}"
             return state
-        self.peft_model.set_adapter(trial.name)
-        state.params = [p for n, p in self.peft_model.named_parameters() if p.requires_grad]
+        self.live[state.name] = state
         state.optimizer = self._optimizer(plan, state.params)
         state.scheduler = self._scheduler(state.optimizer)
         torch.manual_seed(seed + 1)  # dropout: the same stream for every trial
@@ -174,6 +173,8 @@ class PeftEngine:
         state.status = status or state.status or TrialStatus.COMPLETED
         state.message = message or state.message
         saved = False
+        if state.status in (TrialStatus.COMPLETED, TrialStatus.PRUNED) and state.parked is not None:
+            self._unpark(state)
         if state.status in (TrialStatus.COMPLETED, TrialStatus.PRUNED) and self.peft_model is not None:
             try:
                 state.writer.save_adapter(self.peft_model, state.name)
@@ -188,8 +189,59 @@ class PeftEngine:
         if self.peft_model is not None:
             self.base = self.peft_model.unload()
             self.peft_model = None
+        self.live.clear()
 
     # -- internals ------------------------------------------------------------------------------------
+
+    def _attach(self, state: TrialState) -> None:
+        """Put the trial's adapter on the model (fresh, seeded by the caller) and make it the active one.
+        PEFT nests its ParamWrappers per set of `target_parameters`, so a trial whose set differs from
+        an attached adapter's parks every other trial and starts from the bare base."""
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(**state.peft_config)
+        mine = set(config.target_parameters or ())
+        if self.peft_model is not None and mine and any(
+                set(other.target_parameters or ()) not in (set(), mine) for other in self.peft_model.peft_config.values()):
+            for other in self.live.values():
+                if other is not state and other.parked is None:
+                    self._park(other)
+            self.base = self.peft_model.unload()
+            self.peft_model = None
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(self.base, config, adapter_name=state.name)
+        else:
+            self.peft_model.add_adapter(state.name, config)
+        self.peft_model.set_adapter(state.name)
+        state.params = [p for _, p in self.peft_model.named_parameters() if p.requires_grad]
+
+    def _park(self, state: TrialState) -> None:
+        """Keep the trial's weights, optimizer and schedule state off the model (its adapter goes with
+        the next unload)."""
+        from peft import get_peft_model_state_dict
+
+        weights = get_peft_model_state_dict(self.peft_model, adapter_name=state.name)
+        state.parked = {"weights": {k: v.detach().clone() for k, v in weights.items()},
+                        "optimizer": state.optimizer.state_dict() if state.optimizer is not None else None,
+                        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+                        "shapes": [tuple(p.shape) for p in state.params]}
+        state.optimizer = state.scheduler = None
+        state.params = []
+
+    def _unpark(self, state: TrialState) -> None:
+        """Attach a parked trial again with the weights and optimizer state it had."""
+        from peft import set_peft_model_state_dict
+
+        parked, state.parked = state.parked, None
+        self._attach(state)
+        set_peft_model_state_dict(self.peft_model, parked["weights"], adapter_name=state.name)
+        if [tuple(p.shape) for p in state.params] != parked["shapes"]:
+            raise RuntimeError(f"trial {state.name}: its adapter came back with other parameters")
+        state.optimizer = self._optimizer(state.trial.plan, state.params)
+        state.scheduler = self._scheduler(state.optimizer)
+        if parked["optimizer"] is not None:
+            state.optimizer.load_state_dict(parked["optimizer"])
+            state.scheduler.load_state_dict(parked["scheduler"])
 
     def _optimizer(self, plan: LoraPlan, params):
         import torch
@@ -220,11 +272,13 @@ class PeftEngine:
     def _advance_one(self, state, steps, until, eval_set, eval_every, progress) -> None:
         import torch
 
-        self.peft_model.set_adapter(state.name)
-        torch.set_rng_state(state.rng)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
+            if state.parked is not None:
+                self._unpark(state)
+            self.peft_model.set_adapter(state.name)
+            torch.set_rng_state(state.rng)
             while state.step < until and state.status is None:
                 self._train_step(state, steps[state.step])
                 if progress is not None:
@@ -329,6 +383,8 @@ class PeftEngine:
 
         state.optimizer = state.scheduler = None
         state.params = []
+        state.parked = None
+        self.live.pop(state.name, None)
         if self.peft_model is not None and state.name in self.peft_model.peft_config:
             others = [n for n in self.peft_model.peft_config if n != state.name]
             if others:

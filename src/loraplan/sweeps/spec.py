@@ -108,7 +108,10 @@ class TrialSpec(_TrialFields):
     _plan_rules = field_validator(*TRIAL_FIELDS)(_check_plan_field)
 
     def plan(self) -> LoraPlan:
-        return LoraPlan(**self.model_dump(include=set(TRIAL_FIELDS)))
+        # a dropout left to the default stays loraplan's default (PEFT's ParamWrapper on MoE experts
+        # takes none, so the plan drops it there; a dropout chosen by hand is the user's)
+        fields = set(TRIAL_FIELDS) - ({"lora_dropout"} - self.model_fields_set)
+        return LoraPlan(**self.model_dump(include=fields))
 
 
 class GridSpec(_Strict):
@@ -179,10 +182,13 @@ def expand(spec: SweepSpec) -> list[Trial]:
     specs: list[TrialSpec] = []
     if spec.grid is not None:
         g = spec.grid
+        # a dropout left to the default stays loraplan's default (PEFT's ParamWrapper on MoE experts
+        # takes none, so the plan drops it there; a dropout chosen by hand is the user's)
+        dropout = {"lora_dropout": g.lora_dropout} if "lora_dropout" in g.model_fields_set else {}
         for targets, r, alpha, rs, dora, lp in itertools.product(
                 g.targets, g.r, g.alpha, g.rslora, g.dora, g.loraplus_lr_ratio):
             specs.append(TrialSpec(targets=targets, r=r, lora_alpha=alpha_for(alpha, r), use_rslora=rs,
-                                   use_dora=dora, loraplus_lr_ratio=lp, lora_dropout=g.lora_dropout))
+                                   use_dora=dora, loraplus_lr_ratio=lp, **dropout))
     specs.extend(spec.trials or [])
     if not specs:
         specs = seed_grid()
