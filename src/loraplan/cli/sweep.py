@@ -40,6 +40,8 @@ def register(parser):
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient checkpointing")
     parser.add_argument("--quant", choices=["4bit", "8bit"], default=None, help="QLoRA (bitsandbytes, CUDA)")
+    parser.add_argument("--engine", choices=["auto", "fast", "peft"], default=None,
+                        help="fast: loraplan's engine; peft: transformers + PEFT; auto (default): fast on a CUDA GPU")
     parser.add_argument("--grid", default=None,
                         help='e.g. "targets=qv;attention;attention,mlp r=8,16 alpha=r rslora=false dora=false,true"')
     parser.add_argument("--halving", action="store_true", default=None,
@@ -57,7 +59,7 @@ def overrides_from_args(args) -> dict:
         "training.max_steps": args.max_steps, "training.batch_size": args.batch_size,
         "training.micro_batch_size": args.micro_batch_size, "training.learning_rate": args.lr,
         "training.eval_every": args.eval_every, "training.seed": args.seed, "training.grad_ckpt": args.grad_ckpt,
-        "training.quantization": args.quant, "halving.enabled": args.halving,
+        "training.quantization": args.quant, "training.engine": args.engine, "halving.enabled": args.halving,
         "trust_remote_code": args.trust_remote_code,
     }
     if args.grid:

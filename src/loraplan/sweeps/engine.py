@@ -79,6 +79,7 @@ class PeftEngine:
         self.device = None
         self.pad_id = 0
         self.pad_multiple = 1
+        self.notes: list[str] = []  # what the output should say about how trials ran (fallbacks)
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -257,24 +258,14 @@ class PeftEngine:
             total += loss.item()
             state.tokens += int(mask.sum())
         state.step += 1
-        lr = state.optimizer.param_groups[0]["lr"]
-        state.losses.append(total)
-        state.recorder.log({"kind": "train", "step": state.step, "train_loss": total, "lr": lr,
-                            "tokens": state.tokens, "elapsed_s": round(time.time() - state.started, 3)})
-        if not math.isfinite(total):
-            state.status, state.message = "diverged", f"loss is {total} at step {state.step}"
-            state.optimizer.zero_grad(set_to_none=True)
-            return
-        start = sorted(state.losses[:3])[len(state.losses[:3]) // 2]
-        if state.step > 3 and total > BLOWUP_FACTOR * start:
-            state.status = "diverged"
-            state.message = f"loss blew up to {total:.3g} at step {state.step} (started at {start:.3g})"
+        record_train_loss(state, total, state.optimizer.param_groups[0]["lr"])
+        if state.status is not None:
             state.optimizer.zero_grad(set_to_none=True)
             return
         if self.settings.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(state.params, self.settings.max_grad_norm)
             if not torch.isfinite(norm):
-                state.status, state.message = "diverged", f"gradient norm is {float(norm)} at step {state.step}"
+                state.status, state.message = "diverged", grad_norm_message(float(norm), state.step)
                 state.optimizer.zero_grad(set_to_none=True)
                 return
         state.optimizer.step()
@@ -285,12 +276,23 @@ class PeftEngine:
     def evaluate(self, state: TrialState, eval_set: list[MicroBatch]) -> dict:
         """Token-weighted eval loss, its standard error from the per-batch losses, and the per-batch
         values (so two trials can be compared batch by batch)."""
+        t0 = time.time()
+        losses, counts = self._eval_losses(eval_set)
+        mean, sem = weighted_mean_sem(losses, counts)
+        row = {"kind": "eval", "step": state.step, "eval_loss": mean, "eval_loss_sem": sem,
+               "eval_batches": len(losses), "elapsed_s": round(time.time() - state.started, 3),
+               "eval_seconds": round(time.time() - t0, 3)}
+        state.recorder.log(row)
+        return {**row, "batch_losses": losses, "batch_tokens": counts}
+
+    def _eval_losses(self, eval_set: list[MicroBatch]) -> tuple[list[float], list[int]]:
+        """Each eval batch's mean loss over its supervised tokens, and that count (batches without any
+        are left out)."""
         import torch
 
         model = self.peft_model
         model.eval()
         losses, counts = [], []
-        t0 = time.time()
         with torch.no_grad():
             for mb in eval_set:
                 n = mb.supervised
@@ -299,12 +301,7 @@ class PeftEngine:
                 ids, labels, mask = mb.tensors(self.device, self.pad_id, self.pad_multiple)
                 losses.append(float(model_loss(model, ids, labels, mask, n)))
                 counts.append(n)
-        mean, sem = weighted_mean_sem(losses, counts)
-        row = {"kind": "eval", "step": state.step, "eval_loss": mean, "eval_loss_sem": sem,
-               "eval_batches": len(losses), "elapsed_s": round(time.time() - state.started, 3),
-               "eval_seconds": round(time.time() - t0, 3)}
-        state.recorder.log(row)
-        return {**row, "batch_losses": losses, "batch_tokens": counts}
+        return losses, counts
 
     def _release(self, state: TrialState) -> None:
         import torch
@@ -360,6 +357,25 @@ class PeftEngine:
             "eval_batches": {"loss": ev.get("batch_losses"), "tokens": ev.get("batch_tokens")} if ev else None,
             "started": state.started_at,
         }
+
+
+def record_train_loss(state: TrialState, total: float, lr: float) -> None:
+    """Log step `state.step`'s train loss; mark the trial diverged when the loss is not finite or
+    has blown up (above BLOWUP_FACTOR × the median of the first three steps)."""
+    state.losses.append(total)
+    state.recorder.log({"kind": "train", "step": state.step, "train_loss": total, "lr": lr,
+                        "tokens": state.tokens, "elapsed_s": round(time.time() - state.started, 3)})
+    if not math.isfinite(total):
+        state.status, state.message = "diverged", f"loss is {total} at step {state.step}"
+        return
+    start = sorted(state.losses[:3])[len(state.losses[:3]) // 2]
+    if state.step > 3 and total > BLOWUP_FACTOR * start:
+        state.status = "diverged"
+        state.message = f"loss blew up to {total:.3g} at step {state.step} (started at {start:.3g})"
+
+
+def grad_norm_message(norm: float, step: int) -> str:
+    return f"gradient norm is {norm} at step {step}"
 
 
 def model_loss(model, ids, labels, mask, num_items: int):

@@ -48,6 +48,9 @@ class TrainingSettings(_Strict):
     grad_ckpt: bool = False
     quantization: Literal["4bit", "8bit"] | None = None
     max_grad_norm: float | None = Field(1.0, gt=0)
+    engine: Literal["auto", "fast", "peft"] = Field(
+        "auto", description="fast: loraplan's engine (bf16 adapter path, CUDA graphs); peft: transformers + PEFT "
+                            "as they are; auto: fast on a CUDA GPU. Trials fast cannot run go to PEFT, and say so")
 
 
 class DataSettings(_Strict):

@@ -1,0 +1,159 @@
+"""The side-by-side of issue 27 in one lease, as ratios: the seeds' method, today's engine (PEFT) and
+the fast engine on the seeds' six-config grid (Llama-3.2-1B shape, 100 steps × 8 sequences of 64–512
+tokens), then the Llama-3.1-8B shape, all seven projections r=16 (fast: 100 steps; PEFT: fewer, for
+its rate and peak), the bf16 matmul ceiling measured first. Runs inside a time budget: what does not
+fit is cut short (its finished configs kept) and the table says so.
+
+    # on the GPU machine, from the repository root, seed_method_sweep.py and matmul_ceiling.py in BENCH
+    python3 benchmarks/sweep/side_by_side.py --bench ../shared/bench --budget 560 --out $OUT
+
+Writes $OUT/side_by_side.md (the table: device, versions, date; wall, tokens/s, share of the
+ceiling, peak memory) and the raw JSON of every part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = ["baseline_qv_r8", "attention_all_r8", "attention_all_r16", "full_r16", "full_r32", "full_r16_dora"]
+SEED_TOKENS = 100 * 8 * (64 + 512) / 2  # the seeds' script's real-token count per config (expected, not counted)
+
+
+def run(cmd: list[str], limit: float, log, env=None) -> str:
+    """Run a part with a time limit; its output goes to the log and comes back."""
+    log.write(f"\n$ {' '.join(cmd)}   (limit {limit:.0f} s)\n")
+    log.flush()
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(limit, 1), env={**os.environ, **(env or {})})
+        out = p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out += f"\n[stopped at its time limit, {limit:.0f} s]\n"
+    out = "\n".join(line for line in out.splitlines() if not line.startswith("Writing"))
+    log.write(out + f"\n[{time.time() - t0:.1f} s]\n")
+    log.flush()
+    print(out[-3000:], flush=True)
+    return out
+
+
+def json_lines(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--bench", default=str(HERE.parents[2] / "shared" / "bench"), help="folder of seed_method_sweep.py")
+    p.add_argument("--budget", type=float, default=560, help="seconds for the whole run")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    args = p.parse_args()
+    start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    left = lambda: args.budget - (time.time() - start)  # noqa: E731
+    py = sys.executable
+    with open(out / "side_by_side.log", "w") as log:
+        ceiling_text = run([py, str(Path(args.bench) / "matmul_ceiling.py")], 60, log)
+        match = re.search(r"(\d+) TFLOP/s", ceiling_text)
+        ceiling = float(match.group(1)) * 1e12 if match else 760e12
+        run([py, str(HERE / "bench_sweep.py"), "--shape", "llama-1b", "--steps", "100", "--engine", "fast",
+             "--out", str(out)], min(150, left() - 420), log)
+        # the seeds' method gets the time it needs (≈ 400 s): its wall time is the goal's yardstick
+        seeds = run([py, str(Path(args.bench) / "seed_method_sweep.py"), "llama-1b", "100"], left() - 85, log,
+                    env={"OUT": str(out)})
+        run([py, str(HERE / "ab_fast.py"), "--shape", "llama-8b", "--runs", "fast:full_r16@100,peft:full_r16@20",
+             "--profiles", "", "--out", str(out)], min(120, left() - 5), log)
+        run([py, str(HERE / "bench_sweep.py"), "--shape", "llama-1b", "--steps", "100", "--engine", "peft",
+             "--out", str(out)], left() - 5, log)
+    table = render(out, json_lines(seeds), ceiling, time.time() - start)
+    (out / "side_by_side.md").write_text(table)
+    print(table)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def render(out: Path, seed_rows: list[dict], ceiling: float, elapsed: float) -> str:
+    import torch
+
+    fast, peft = _read(out / "loraplan_sweep_llama-1b_fast.json"), _read(out / "loraplan_sweep_llama-1b_peft.json")
+    big = _read(out / "ab_llama-8b.json")
+    seed_wall = next((r["sweep_s"] for r in seed_rows if "sweep_s" in r), None)
+    seed_configs = {r["config"]: r for r in seed_rows if "config" in r}
+    import peft as peft_pkg
+    import transformers
+
+    any_run = fast or peft or {}
+    n1b = any_run.get("params", 1_235_814_400)
+    lines = [f"# Side by side, {time.strftime('%Y-%m-%d')}", "",
+             f"Device: {any_run.get('device') or torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
+             f"transformers {transformers.__version__}, peft {peft_pkg.__version__}; bf16 matmul ceiling measured "
+             f"now: {ceiling / 1e12:.0f} TFLOP/s. Share of the ceiling = 4·N FLOPs per real token (N = "
+             f"{n1b / 1e9:.2f}B at 1B) × real tokens/s ÷ ceiling. Whole run {elapsed:.0f} s.", "",
+             "## Llama-3.2-1B shape, the seeds' six configs × 100 steps", "",
+             "| method | whole grid s (load incl.) | vs seeds | per config train s (" + " / ".join(CONFIGS) + ") "
+             "| real tok/s (min–max) | best share of ceiling | peak GiB (max) |", "|---|---:|---:|---|---|---:|---:|"]
+
+    def share(tok_per_s: float | None, n: int) -> float:
+        return 4 * n * (tok_per_s or 0) / ceiling
+
+    if seed_configs:
+        rates = [SEED_TOKENS / r["train_s"] for r in seed_configs.values()]
+        lines.append(f"| the seeds' method | {seed_wall if seed_wall is not None else '(cut short)'} | 1.0× | "
+                     + " / ".join(f"{seed_configs[c]['train_s']:.1f}" if c in seed_configs else "—" for c in CONFIGS)
+                     + f" | {min(rates):,.0f}–{max(rates):,.0f} (expected tokens) | {100 * share(max(rates), n1b):.1f}% "
+                     f"| {max(r['peak_gib'] for r in seed_configs.values()):.1f} |")
+    for label, data in (("today's engine (PEFT)", peft), ("the fast engine", fast)):
+        if not data:
+            lines.append(f"| {label} | (not run) | | | | | |")
+            continue
+        rows = {r["config"]: r for r in data["rows"]}
+        wall = data["sweep_plus_load_s"] if data.get("finished") else None
+        ratio = f"{seed_wall / wall:.1f}×" if wall and seed_wall else "—"
+        rates = [r["real_tok_per_s"] for r in rows.values() if r.get("real_tok_per_s")]
+        lines.append(f"| {label} | {wall if wall else '(cut short at ' + str(data['sweep_plus_load_s']) + ')'} "
+                     f"({data['load_s']} load) | {ratio} | "
+                     + " / ".join(f"{rows[c]['train_s']:.1f}" if c in rows else "—" for c in CONFIGS)
+                     + f" | {min(rates):,.0f}–{max(rates):,.0f} | {100 * share(max(rates), data['params']):.1f}% "
+                     f"| {max(r['peak_gib'] for r in rows.values()):.1f} |")
+    if fast:
+        rows = {r["config"]: r for r in fast["rows"]}
+        if "full_r16" in rows and "full_r16_dora" in rows:
+            lines += ["", f"DoRA: full_r16_dora / full_r16 train time on the fast engine = "
+                          f"{rows['full_r16_dora']['train_s'] / rows['full_r16']['train_s']:.2f}×."]
+        if fast.get("notes"):
+            lines += ["", "Fast engine notes: " + "; ".join(fast["notes"])]
+    lines += ["", "## Llama-3.1-8B shape, all seven projections r=16", "",
+              "| engine | steps | ms/step | real tok/s | share of ceiling (4·N per real token) | peak GiB | eval loss |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in (big or {}).get("rows", []):
+        if "ms_per_step" not in r:
+            lines.append(f"| {r['run']} | | {r.get('status')} | | | | |")
+            continue
+        lines.append(f"| {r['run']} | {r['steps']} | {r['ms_per_step']:.0f} | {r['real_tok_per_s']:,.0f} "
+                     f"| {100 * share(r['real_tok_per_s'], r['params']):.1f}% "
+                     f"| {r['peak_gib']:.1f} | {r['eval_loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
