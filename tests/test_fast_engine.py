@@ -124,8 +124,8 @@ def test_a_trial_with_an_adapted_embedding_runs_on_peft_and_says_so(models, tmp_
     peft = _train(PeftEngine(model, SETTINGS), trials[:1], tmp_path / "peft")
     assert results["with_embed"][1]["engine"] == "peft" and results["plain"][1]["engine"] == "fast"
     assert results["with_embed"][0] == peft["with_embed"][0]
-    assert engine.notes == ["with_embed: the fast engine cannot run lora.Embedding layers (model.embed_tokens); "
-                            "it ran on the PEFT engine"]
+    assert engine.notes == [("with_embed: the fast engine cannot run lora.Embedding layers (model.embed_tokens); "
+                             "it ran on the PEFT engine")]
 
 
 def test_quantized_models_go_to_the_peft_engine(monkeypatch):

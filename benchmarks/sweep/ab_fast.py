@@ -22,17 +22,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sweep import parse_options, settings_for, workload  # noqa: E402
+from bench_sweep import parse_options, settings_for, workload
 
-DEFAULT_RUNS = ",".join([
+RUNS = (
     "peft:full_r16", "peft:full_r16_dora",
     "fast:full_r16", "fast:full_r16_dora", "fast:baseline_qv_r8",
-    "fast+graphs=0:full_r16", "fast+lazy=0:full_r16", "fast+lean_lora=0:full_r16",
-    "fast+bucket=16:full_r16", "fast+bucket=16;graphs=0:full_r16", "fast+flash=0;graphs=0:full_r16",
-    "fast+eval_tokens=4096:full_r16",
+    "fast+graphs_all=1:full_r16", "fast+lazy=0:full_r16", "fast+lean_lora=0:full_r16",
+    "fast+bucket=16:full_r16", "fast+flash=0:full_r16", "fast+eval_tokens=4096:full_r16",
     "fast+dora_factors=0:full_r16_dora", "fast+graphs=0:full_r16_dora",
-])
-DEFAULT_PROFILES = "peft:full_r16,fast+graphs=0:full_r16,fast:full_r16,fast:full_r16_dora"
+)
+DEFAULT_PROFILES = "peft:full_r16,fast:full_r16,fast:full_r16_dora"
 
 
 def shared_base():
@@ -86,7 +85,7 @@ def measure(run: str, config: str, model, settings, steps, evalset, ledger_root:
             "eval_s": round(sum(r["eval_seconds"] for r in evals), 3), "advance_s": round(wall, 2),
             "real_tok_per_s": result["tokens_per_s"], "tokens": state.tokens,
             "peak_gib": round((result["peak_memory_bytes"] or 0) / 2**30, 2), "eval_loss": result["eval_loss"],
-            "notes": engine.notes}
+            "message": result["message"], "notes": engine.notes}
 
 
 def profile(run: str, config: str, model, settings, steps, out: Path, shape: str, ledger_root: Path) -> dict:
@@ -154,7 +153,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-1b")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--runs", default=DEFAULT_RUNS)
+    p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--profiles", default=DEFAULT_PROFILES)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = p.parse_args()

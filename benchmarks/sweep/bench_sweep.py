@@ -74,14 +74,16 @@ def parse_options(text: str | None):
     values = {}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")
-        values[key] = int(value) if kinds[key] in ("int", int) else value.lower() in ("1", "true", "on", "yes")
+        kind = str(kinds[key])
+        values[key] = (int(value) if kind == "int" else float(value) if kind == "float"
+                       else value.lower() in ("1", "true", "on", "yes"))
     return FastOptions(**values)
 
 
 def main() -> None:
-    import peft  # noqa: F401 - imported before the clock, as the seeds' script does
+    import peft
     import torch
-    import transformers  # noqa: F401
+    import transformers
 
     from loraplan.data.batches import eval_batches, training_steps
     from loraplan.sweeps.fast_engine import make_engine
@@ -139,7 +141,7 @@ def main() -> None:
                "total_s": round(time.time() - t0, 2), "eval_loss": result["eval_loss"],
                "real_tokens": state.tokens, "real_tok_per_s": result["tokens_per_s"],
                "seed_formula_tok_per_s": round(expected_tokens / result["train_s"]) if result["train_s"] else None,
-               "peak_gib": round((result["peak_memory_bytes"] or 0) / 2**30, 2)}
+               "peak_gib": round((result["peak_memory_bytes"] or 0) / 2**30, 2), "message": result["message"]}
         print(json.dumps(row), flush=True)
         rows.append(row)
         write(done=False)  # a run stopped by its time limit still leaves its finished configs

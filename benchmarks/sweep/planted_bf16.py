@@ -5,6 +5,7 @@ spread between configs, and one fast-engine adapter reloaded with PeftModel.from
 evaluated by PEFT's own forward (its loss against the recorded one).
 
     python benchmarks/sweep/planted_bf16.py --out $OUT      # GPU (bf16); on CPU it runs in fp32
+    python benchmarks/sweep/planted_bf16.py --steps 4 --examples 64 --out /tmp/pl   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=DEMO_TRAINING["max_steps"])
+    p.add_argument("--examples", type=int, default=PlantedSpec().examples, help="training sequences of the task")
     p.add_argument("--work", default="/tmp/planted_bf16")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = p.parse_args()
     work, out = Path(args.work) / str(int(time.time())), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    task = make_planted_task(work / "task", PlantedSpec())
+    task = make_planted_task(work / "task", PlantedSpec(examples=args.examples, eval_examples=max(32, args.examples // 8)))
     made = time.time() - t0
     trials = DEMO_TRIALS + [{"name": "mlp_r4_dora", "targets": "mlp", "r": 4, "use_dora": True}]
     dtype = "bf16" if torch.cuda.is_available() else "fp32"

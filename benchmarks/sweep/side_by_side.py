@@ -5,7 +5,8 @@ its rate and peak), the bf16 matmul ceiling measured first. Runs inside a time b
 fit is cut short (its finished configs kept) and the table says so.
 
     # on the GPU machine, from the repository root, seed_method_sweep.py and matmul_ceiling.py in BENCH
-    python3 benchmarks/sweep/side_by_side.py --bench ../shared/bench --budget 560 --out $OUT
+    python3 benchmarks/sweep/side_by_side.py --bench ../shared/bench --budget 565 --out $OUT
+    python3 benchmarks/sweep/side_by_side.py --parts peft1b --budget 200 --out $OUT   # what did not fit
 
 Writes $OUT/side_by_side.md (the table: device, versions, date; wall, tokens/s, share of the
 ceiling, peak memory) and the raw JSON of every part.
@@ -33,7 +34,7 @@ def run(cmd: list[str], limit: float, log, env=None) -> str:
     log.flush()
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(limit, 1), env={**os.environ, **(env or {})})
+        p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=max(limit, 1), env={**os.environ, **(env or {})})
         out = p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -56,31 +57,48 @@ def json_lines(text: str) -> list[dict]:
     return rows
 
 
+PARTS = ("ceiling", "fast1b", "seeds", "8b", "planted", "peft1b")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--bench", default=str(HERE.parents[2] / "shared" / "bench"), help="folder of seed_method_sweep.py")
-    p.add_argument("--budget", type=float, default=560, help="seconds for the whole run")
+    p.add_argument("--budget", type=float, default=565, help="seconds for the whole run")
+    p.add_argument("--parts", default=",".join(PARTS), help="which parts, in this order: " + ",".join(PARTS))
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = p.parse_args()
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    left = lambda: args.budget - (time.time() - start)  # noqa: E731
+    left = lambda: args.budget - (time.time() - start)
+    parts = args.parts.split(",")
     py = sys.executable
-    with open(out / "side_by_side.log", "w") as log:
-        ceiling_text = run([py, str(Path(args.bench) / "matmul_ceiling.py")], 60, log)
-        match = re.search(r"(\d+) TFLOP/s", ceiling_text)
-        ceiling = float(match.group(1)) * 1e12 if match else 760e12
-        run([py, str(HERE / "bench_sweep.py"), "--shape", "llama-1b", "--steps", "100", "--engine", "fast",
-             "--out", str(out)], min(150, left() - 420), log)
-        # the seeds' method gets the time it needs (≈ 400 s): its wall time is the goal's yardstick
-        seeds = run([py, str(Path(args.bench) / "seed_method_sweep.py"), "llama-1b", "100"], left() - 85, log,
-                    env={"OUT": str(out)})
-        run([py, str(HERE / "ab_fast.py"), "--shape", "llama-8b", "--runs", "fast:full_r16@100,peft:full_r16@20",
-             "--profiles", "", "--out", str(out)], min(120, left() - 5), log)
-        run([py, str(HERE / "bench_sweep.py"), "--shape", "llama-1b", "--steps", "100", "--engine", "peft",
-             "--out", str(out)], left() - 5, log)
-    table = render(out, json_lines(seeds), ceiling, time.time() - start)
+    ceiling, seeds, skipped = 760e12, "", []
+    one_b = ["--shape", "llama-1b", "--steps", "100", "--out", str(out)]
+    with open(out / "side_by_side.log", "a") as log:
+        if "ceiling" in parts:
+            match = re.search(r"(\d+) TFLOP/s", run([py, str(Path(args.bench) / "matmul_ceiling.py")], 60, log))
+            ceiling = float(match.group(1)) * 1e12 if match else ceiling
+        if "fast1b" in parts:
+            run([py, str(HERE / "bench_sweep.py"), "--engine", "fast", *one_b], min(150, left() - 30), log)
+        if "seeds" in parts:  # gets the time it needs (≈ 400 s): its wall time is the goal's yardstick
+            seeds = run([py, str(Path(args.bench) / "seed_method_sweep.py"), "llama-1b", "100"],
+                        left() - (75 if "8b" in parts else 5), log, env={"OUT": str(out)})
+        if "8b" in parts:
+            run([py, str(HERE / "ab_fast.py"), "--shape", "llama-8b", "--runs", "fast:full_r16@100,peft:full_r16@20",
+                 "--profiles", "", "--out", str(out)], min(150, left() - 5), log)
+        if "planted" in parts:
+            if left() > 45:
+                run([py, str(HERE / "planted_bf16.py"), "--steps", "100", "--out", str(out)], left() - 5, log)
+            else:
+                skipped.append("planted (no time left)")
+        if "peft1b" in parts:
+            if left() > 30:
+                run([py, str(HERE / "bench_sweep.py"), "--engine", "peft", *one_b], left() - 5, log)
+            else:
+                skipped.append("today's engine on the 1B grid (no time left)")
+    seed_rows = json_lines(seeds) or (_read(out / "seed_method_llama-1b.json") or {}).get("rows", [])
+    table = render(out, seed_rows, ceiling, time.time() - start, skipped)
     (out / "side_by_side.md").write_text(table)
     print(table)
 
@@ -92,7 +110,7 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def render(out: Path, seed_rows: list[dict], ceiling: float, elapsed: float) -> str:
+def render(out: Path, seed_rows: list[dict], ceiling: float, elapsed: float, skipped: list[str] = ()) -> str:
     import torch
 
     fast, peft = _read(out / "loraplan_sweep_llama-1b_fast.json"), _read(out / "loraplan_sweep_llama-1b_peft.json")
@@ -105,10 +123,10 @@ def render(out: Path, seed_rows: list[dict], ceiling: float, elapsed: float) -> 
     any_run = fast or peft or {}
     n1b = any_run.get("params", 1_235_814_400)
     lines = [f"# Side by side, {time.strftime('%Y-%m-%d')}", "",
-             f"Device: {any_run.get('device') or torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
+             (f"Device: {any_run.get('device') or torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
              f"transformers {transformers.__version__}, peft {peft_pkg.__version__}; bf16 matmul ceiling measured "
              f"now: {ceiling / 1e12:.0f} TFLOP/s. Share of the ceiling = 4·N FLOPs per real token (N = "
-             f"{n1b / 1e9:.2f}B at 1B) × real tokens/s ÷ ceiling. Whole run {elapsed:.0f} s.", "",
+             f"{n1b / 1e9:.2f}B at 1B) × real tokens/s ÷ ceiling. Whole run {elapsed:.0f} s."), "",
              "## Llama-3.2-1B shape, the seeds' six configs × 100 steps", "",
              "| method | whole grid s (load incl.) | vs seeds | per config train s (" + " / ".join(CONFIGS) + ") "
              "| real tok/s (min–max) | best share of ceiling | peak GiB (max) |", "|---|---:|---:|---|---|---:|---:|"]
@@ -138,8 +156,8 @@ def render(out: Path, seed_rows: list[dict], ceiling: float, elapsed: float) -> 
     if fast:
         rows = {r["config"]: r for r in fast["rows"]}
         if "full_r16" in rows and "full_r16_dora" in rows:
-            lines += ["", f"DoRA: full_r16_dora / full_r16 train time on the fast engine = "
-                          f"{rows['full_r16_dora']['train_s'] / rows['full_r16']['train_s']:.2f}×."]
+            lines += ["", (f"DoRA: full_r16_dora / full_r16 train time on the fast engine = "
+                          f"{rows['full_r16_dora']['train_s'] / rows['full_r16']['train_s']:.2f}×.")]
         if fast.get("notes"):
             lines += ["", "Fast engine notes: " + "; ".join(fast["notes"])]
     lines += ["", "## Llama-3.1-8B shape, all seven projections r=16", "",
@@ -152,6 +170,19 @@ def render(out: Path, seed_rows: list[dict], ceiling: float, elapsed: float) -> 
         lines.append(f"| {r['run']} | {r['steps']} | {r['ms_per_step']:.0f} | {r['real_tok_per_s']:,.0f} "
                      f"| {100 * share(r['real_tok_per_s'], r['params']):.1f}% "
                      f"| {r['peak_gib']:.1f} | {r['eval_loss']:.4f} |")
+    planted = _read(out / "planted_bf16.json")
+    if planted:
+        lines += ["", f"## Same answers: the planted task in {planted['dtype']}, PEFT engine vs fast engine", "",
+                  "| trial | PEFT eval loss | fast eval loss | relative difference |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['trial']} | {r['peft_eval_loss']:.4f} | {r['fast_eval_loss']:.4f} | {r['relative_difference']:.2%} |"
+                  for r in planted["rows"]]
+        reload = planted["reload"]
+        lines += ["", (f"Largest difference {planted['max_relative_difference']:.2%} (goal ≤ 1%); the configs span "
+                      f"{planted['config_spread']:.1%}; recommended: {planted['recommended']}. A fast-engine adapter "
+                      f"({reload['trial']}) loaded with PeftModel.from_pretrained: eval loss {reload['peft_from_pretrained']:.4f} "
+                      f"against {reload['recorded']:.4f} recorded ({reload['relative_difference']:.2%}).")]
+    if skipped:
+        lines += ["", "Not run in this budget: " + "; ".join(skipped) + "."]
     return "\n".join(lines) + "\n"
 
 

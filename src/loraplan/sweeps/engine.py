@@ -354,6 +354,7 @@ class PeftEngine:
             "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
             "peak_memory_bytes": state.peak_memory,
             "adapter": "adapter" if saved else None,
+            "engine": "peft",
             "eval_batches": {"loss": ev.get("batch_losses"), "tokens": ev.get("batch_tokens")} if ev else None,
             "started": state.started_at,
         }

@@ -11,8 +11,9 @@ adapter loads with `PeftModel.from_pretrained`); what changes is how a step runs
   padding, and SDPA runs its flash kernel;
 - nothing waits for the GPU inside a trial's steps: losses and gradient norms are read, and the
   divergence checks run, at each evaluation (on the CPU at every step, exactly as the PEFT engine);
-- on CUDA, each micro-batch's forward and backward replays a CUDA graph per batch shape, captured on
-  first use, so the host launches one graph instead of thousands of small kernels;
+- on CUDA, where the host rather than the GPU sets the pace (`graphs_pay`), each micro-batch's forward
+  and backward replays a CUDA graph per batch shape, captured on first use: one launch instead of
+  thousands of small kernels;
 - evaluation runs several eval batches per forward.
 The loss is the one transformers computes (fp32 logits, summed over the step's supervised tokens).
 A trial it cannot run (quantized layers, a layer type other than Linear or Conv1D, a model that is
@@ -40,7 +41,9 @@ class FastOptions:
 
     lean_lora: bool = True  # the model-dtype adapter path (off: PEFT's own forward)
     dora_factors: bool = True  # DoRA's norms from the factors (off: PEFT's DoRA forward)
-    graphs: bool = True  # CUDA graphs per batch shape
+    graphs: bool = True  # CUDA graphs per batch shape, where they pay (graphs_pay)
+    graph_limit: float = 1.5e12  # ... for DoRA trials whose layer work per micro-batch is under this (FLOPs)
+    graphs_all: bool = False  # graphs for every trial (to measure what they are worth where they do not pay)
     lazy: bool = True  # no wait for the GPU inside the steps (CUDA)
     flash: bool = True  # SDPA without cuDNN: no attention plan per shape, capturable
     causal_sdpa: bool = True  # attention by is_causal, no mask built (transformers builds one under capture)
@@ -117,7 +120,6 @@ def dora_row_norms(w, A, B, scale: float, w_sq=None):
     """‖W_i + s·B_i·A‖ for every row i of the out × in weight W, in fp32, without forming W + s·BA:
     ‖W_i‖² + 2s·B_i·(A·W_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ. One pass over W (W·Aᵀ, out × r) instead of PEFT's
     fp32 W + s·BA (and an in × in identity to make BA)."""
-    import torch
 
     if w_sq is None:
         w_sq = weight_row_norms_sq(w)
@@ -154,6 +156,16 @@ def _register_causal_sdpa() -> str:
     AttentionInterface.register(CAUSAL_SDPA, attention)
     AttentionMaskInterface.register(CAUSAL_SDPA, lambda *args, **kwargs: None)
     return CAUSAL_SDPA
+
+
+def graphs_pay(params: int, layers: int, tokens: float, limit: float, dora: bool) -> bool:
+    """Whether replaying CUDA graphs beats launching eagerly: only where the host, not the GPU, sets
+    the pace. Measured on the H200 (benchmarks/sweep/RESULTS.md), Llama-3.2-1B at 8 × ~330 tokens
+    (4·N/L·tokens = 8e11 FLOPs per layer): DoRA steps (about twice LoRA's kernels per layer) 1.21×
+    faster with graphs; LoRA steps no faster (0.83-0.91× over 30 steps, captures included): the host
+    and the GPU take about as long. At Llama-3.1-8B (2.6e12 per layer) a step is 208 ms of device time,
+    well above what launching it takes, so a capture per batch shape would be cost without gain."""
+    return dora and layers > 0 and 4 * params / layers * tokens < limit
 
 
 def weight_row_norms_sq(w):
@@ -215,8 +227,10 @@ class _FastTrial:
     layers: list[_Adapted]
     pending: list = field(default_factory=list)  # steps not yet read back: (step, loss, grad norm, lr, tokens)
     graphs: dict = field(default_factory=dict)  # (rows, width) -> (graph, ids, targets, loss)
+    pool: object = None  # the graphs' memory pool: the trial's own (a pool must not outlive its graphs' use)
     count: object = None  # the step's supervised tokens, on the device (an input of the graphs)
     since: float | None = None  # perf_counter when the training time not yet counted began
+    use_graphs: bool = False
 
 
 def padded_batch(mb: MicroBatch, pad_id: int, multiple: int):
@@ -247,8 +261,8 @@ class FastEngine(PeftEngine):
         self._eval_plans: dict[int, tuple] = {}
         self._cannot: str | None = None  # why no trial can run fast
         self._graphs = self._lazy = False
+        self._params = 0
         self._warm = False
-        self._pool = None
         self._attn: tuple[str, str] | None = None  # (the model's attention, the fast trials')
 
     def load(self, pad_id: int) -> None:
@@ -264,6 +278,7 @@ class FastEngine(PeftEngine):
         if self.options.causal_sdpa and causal_sdpa_usable(config):
             self._attn = (config._attn_implementation, _register_causal_sdpa())
         self._graphs = cuda and self._lazy and self.options.graphs and not self.settings.grad_ckpt
+        self._params = sum(p.numel() for p in self.base.parameters())
 
     def blocker(self) -> str | None:
         """Why no trial of this sweep can run fast, or None."""
@@ -306,7 +321,13 @@ class FastEngine(PeftEngine):
         ft = self._fast.get(state.name)
         if ft is None:
             return super()._advance_one(state, steps, until, eval_set, eval_every, progress)
-        self._to_device([mb for step in steps[state.step:until] for mb in step])
+        batches = self._to_device([mb for step in steps[state.step:until] for mb in step])
+        if self._graphs and batches:
+            tokens = sum(ids.numel() for _, ids, _ in batches) / len(batches)
+            layers = getattr(self.base.config, "num_hidden_layers", 0) or 0
+            dora = any(a.magnitude is not None for a in ft.layers)
+            ft.use_graphs = self.options.graphs_all or graphs_pay(self._params, layers, tokens,
+                                                                  self.options.graph_limit, dora)
         self.base.train()
         with self._attention():
             super()._advance_one(state, steps, until, eval_set, eval_every, progress)
@@ -383,11 +404,13 @@ class FastEngine(PeftEngine):
         graphs are on, else eager."""
         import torch
 
-        if self._graphs and not poison:
+        if self._graphs and ft.use_graphs and not poison:
             try:
                 return self._graph_step(ft, ids, targets, count)
             except RuntimeError as e:  # capture failed: eager from here on, and the output says why
+                torch.cuda.set_stream(torch.cuda.default_stream())  # a failed capture can leave its stream current
                 torch.cuda.synchronize()
+                ft.graphs.clear()
                 self._graphs = False
                 self.notes.append(f"CUDA graphs off (capture failed: {str(e).splitlines()[0]}); steps ran eagerly")
         loss = self._loss(ids, targets, count)
@@ -424,11 +447,11 @@ class FastEngine(PeftEngine):
         key = tuple(ids.shape)
         entry = ft.graphs.get(key)
         if entry is None:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()  # one pool: the graphs run one at a time
+            if ft.pool is None:  # shared by the trial's graphs, which replay one at a time
+                ft.pool = torch.cuda.graph_pool_handle()
             static_ids, static_targets = ids.clone(), targets.clone()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=ft.pool):
                 loss = self._loss(static_ids, static_targets, ft.count)
                 loss.backward()
             entry = ft.graphs[key] = (graph, static_ids, static_targets, loss.detach())
