@@ -169,3 +169,20 @@ def test_the_sweep_with_the_fast_engine_writes_adapters_peft_reloads(models, tmp
                 losses.append(float(causal_lm_loss_sum(logits, labels)) / mb.supervised)
                 counts.append(mb.supervised)
         assert weighted_mean_sem(losses, counts)[0] == pytest.approx(recorded["eval_loss"], abs=1e-5)
+
+
+def test_the_engine_is_a_training_setting_and_a_flag():
+    import argparse
+
+    from loraplan.cli.sweep import overrides_from_args, register
+    from loraplan.errors import UsageError
+    from loraplan.sweeps.spec import load_spec
+
+    parser = argparse.ArgumentParser()
+    register(parser)
+    args = parser.parse_args(["./model", "--out", "runs/x", "--engine", "peft"])
+    assert overrides_from_args(args)["training.engine"] == "peft"
+    assert load_spec(None, {"training.engine": "fast"}).training.engine == "fast"
+    assert load_spec(None, {}).training.engine == "auto"
+    with pytest.raises(UsageError, match="training.engine"):
+        load_spec(None, {"training.engine": "turbo"})

@@ -30,6 +30,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=DEMO_TRAINING["max_steps"])
     p.add_argument("--examples", type=int, default=PlantedSpec().examples, help="training sequences of the task")
+    p.add_argument("--trials", default=None, help="comma-separated names (default: the demo's trials and mlp_r4_dora)")
     p.add_argument("--work", default="/tmp/planted_bf16")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = p.parse_args()
@@ -39,6 +40,8 @@ def main() -> None:
     task = make_planted_task(work / "task", PlantedSpec(examples=args.examples, eval_examples=max(32, args.examples // 8)))
     made = time.time() - t0
     trials = DEMO_TRIALS + [{"name": "mlp_r4_dora", "targets": "mlp", "r": 4, "use_dora": True}]
+    if args.trials:
+        trials = [t for t in trials if t["name"] in args.trials.split(",")]
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     training = {**DEMO_TRAINING, "max_steps": args.steps, "dtype": dtype}
     runs = {}

@@ -1,15 +1,16 @@
-"""The side-by-side of issue 27 in one lease, as ratios: the seeds' method, today's engine (PEFT) and
-the fast engine on the seeds' six-config grid (Llama-3.2-1B shape, 100 steps × 8 sequences of 64–512
-tokens), then the Llama-3.1-8B shape, all seven projections r=16 (fast: 100 steps; PEFT: fewer, for
-its rate and peak), the bf16 matmul ceiling measured first. Runs inside a time budget: what does not
-fit is cut short (its finished configs kept) and the table says so.
+"""The side-by-side of issue 27 in one lease, as ratios: the seeds' method and the fast engine on the
+seeds' six-config grid (Llama-3.2-1B shape, 100 steps × 8 sequences of 64–512 tokens), the
+Llama-3.1-8B shape with all seven projections at r=16 (fast engine 100 steps, PEFT engine 10 for its
+rate and peak), the planted task in bf16 on both engines (same answers), and today's engine (PEFT) on
+the 1B grid with the time left; the bf16 matmul ceiling measured first. Runs inside a time budget:
+a part that does not fit is cut short (its finished configs kept) or skipped, and the table says so.
 
-    # on the GPU machine, from the repository root, seed_method_sweep.py and matmul_ceiling.py in BENCH
-    python3 benchmarks/sweep/side_by_side.py --bench ../shared/bench --budget 565 --out $OUT
-    python3 benchmarks/sweep/side_by_side.py --parts peft1b --budget 200 --out $OUT   # what did not fit
+    # on the GPU machine, from the repository root; BENCH holds seed_method_sweep.py and matmul_ceiling.py
+    python3 benchmarks/sweep/side_by_side.py --bench BENCH --out $OUT                  # ≈ 9.5 min
+    python3 benchmarks/sweep/side_by_side.py --bench BENCH --parts planted,peft1b --out $OUT  # what did not fit
 
 Writes $OUT/side_by_side.md (the table: device, versions, date; wall, tokens/s, share of the
-ceiling, peak memory) and the raw JSON of every part.
+ceiling, peak memory), side_by_side.log and the raw JSON of every part.
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ def json_lines(text: str) -> list[dict]:
     return rows
 
 
-PARTS = ("ceiling", "fast1b", "seeds", "8b", "planted", "peft1b")
+PARTS = ("ceiling", "seeds", "fast1b", "8b", "planted", "peft1b")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--bench", default=str(HERE.parents[2] / "shared" / "bench"), help="folder of seed_method_sweep.py")
-    p.add_argument("--budget", type=float, default=565, help="seconds for the whole run")
+    p.add_argument("--budget", type=float, default=570, help="seconds for the whole run")
     p.add_argument("--parts", default=",".join(PARTS), help="which parts, in this order: " + ",".join(PARTS))
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = p.parse_args()
@@ -75,28 +76,33 @@ def main() -> None:
     py = sys.executable
     ceiling, seeds, skipped = 760e12, "", []
     one_b = ["--shape", "llama-1b", "--steps", "100", "--out", str(out)]
+    # what the parts after each one need (s): the seeds' method goes first and must finish (≈ 400 s,
+    # its wall time is the goal's yardstick); later parts are cut short, keeping what they finished
+    after_seeds = sum(n for part, n in (("fast1b", 70), ("8b", 55)) if part in parts)
     with open(out / "side_by_side.log", "a") as log:
         if "ceiling" in parts:
-            match = re.search(r"(\d+) TFLOP/s", run([py, str(Path(args.bench) / "matmul_ceiling.py")], 60, log))
+            match = re.search(r"(\d+) TFLOP/s", run([py, str(Path(args.bench) / "matmul_ceiling.py")], 30, log))
             ceiling = float(match.group(1)) * 1e12 if match else ceiling
-        if "fast1b" in parts:
-            run([py, str(HERE / "bench_sweep.py"), "--engine", "fast", *one_b], min(150, left() - 30), log)
-        if "seeds" in parts:  # gets the time it needs (≈ 400 s): its wall time is the goal's yardstick
+        if "seeds" in parts:
             seeds = run([py, str(Path(args.bench) / "seed_method_sweep.py"), "llama-1b", "100"],
-                        left() - (75 if "8b" in parts else 5), log, env={"OUT": str(out)})
+                        left() - after_seeds, log, env={"OUT": str(out)})
+        if "fast1b" in parts:
+            run([py, str(HERE / "bench_sweep.py"), "--engine", "fast", *one_b],
+                min(120, left() - (55 if "8b" in parts else 3)), log)
         if "8b" in parts:
-            run([py, str(HERE / "ab_fast.py"), "--shape", "llama-8b", "--runs", "fast:full_r16@100,peft:full_r16@20",
-                 "--profiles", "", "--out", str(out)], min(150, left() - 5), log)
+            run([py, str(HERE / "ab_fast.py"), "--shape", "llama-8b", "--runs", "fast:full_r16@100,peft:full_r16@10",
+                 "--profiles", "", "--out", str(out)], min(120, left() - 20), log)
         if "planted" in parts:
-            if left() > 45:
-                run([py, str(HERE / "planted_bf16.py"), "--steps", "100", "--out", str(out)], left() - 5, log)
+            if left() > 25:
+                run([py, str(HERE / "planted_bf16.py"), "--steps", "100", "--trials", "qv_r8,mlp_r2,mlp_r4,mlp_r4_dora",
+                     "--out", str(out)], left() - 3, log)
             else:
-                skipped.append("planted (no time left)")
+                skipped.append("the planted bf16 check (no time left)")
         if "peft1b" in parts:
             if left() > 30:
-                run([py, str(HERE / "bench_sweep.py"), "--engine", "peft", *one_b], left() - 5, log)
+                run([py, str(HERE / "bench_sweep.py"), "--engine", "peft", *one_b], left() - 3, log)
             else:
-                skipped.append("today's engine on the 1B grid (no time left)")
+                skipped.append("today's engine on the 1B grid (no time left: `--parts peft1b`)")
     seed_rows = json_lines(seeds) or (_read(out / "seed_method_llama-1b.json") or {}).get("rows", [])
     table = render(out, seed_rows, ceiling, time.time() - start, skipped)
     (out / "side_by_side.md").write_text(table)

@@ -299,9 +299,6 @@ class FastEngine(PeftEngine):
             self.notes.append(f"{trial.name}: the fast engine cannot run {reason}; it ran on the PEFT engine")
             return state
         self._fast[trial.name] = _FastTrial(layers)
-        if self._graphs:  # the graphs accumulate into these, in place
-            for p in state.params:
-                p.grad = p.detach().new_zeros(p.shape)
         return state
 
     def finish(self, state: TrialState, status: str | None = None, message: str | None = None) -> dict:
@@ -328,6 +325,10 @@ class FastEngine(PeftEngine):
             dora = any(a.magnitude is not None for a in ft.layers)
             ft.use_graphs = self.options.graphs_all or graphs_pay(self._params, layers, tokens,
                                                                   self.options.graph_limit, dora)
+            if ft.use_graphs:  # the graphs accumulate into these, in place
+                for p in state.params:
+                    if p.grad is None:
+                        p.grad = p.detach().new_zeros(p.shape)
         self.base.train()
         with self._attention():
             super()._advance_one(state, steps, until, eval_set, eval_every, progress)
@@ -361,16 +362,16 @@ class FastEngine(PeftEngine):
         if not self._lazy:
             self._flush(state, ft)
             if state.status is not None:
-                self._zero_grads(state)
+                self._zero_grads(state, ft)
                 return
         state.optimizer.step()
         state.scheduler.step()
-        self._zero_grads(state)
+        self._zero_grads(state, ft)
 
-    def _zero_grads(self, state: TrialState) -> None:
+    def _zero_grads(self, state: TrialState, ft: _FastTrial) -> None:
         import torch
 
-        if self._graphs:
+        if ft.use_graphs and self._graphs:  # the captured backward adds into these very tensors
             torch._foreach_zero_([p.grad for p in state.params])
         else:
             state.optimizer.zero_grad(set_to_none=True)
