@@ -10,7 +10,7 @@ import pytest
 from tiny import save_tiny_model
 
 from loraplan.data.batches import eval_batches, training_steps
-from loraplan.data.load import TokenizedExample
+from loraplan.data.formats import TokenizedExample
 from loraplan.plan.lora_plan import LoraPlan
 from loraplan.sweeps.engine import PeftEngine
 from loraplan.sweeps.fast_engine import FastEngine, dora_row_norms, make_engine

@@ -152,10 +152,11 @@ def test_dora_at_half_the_rank():
     assert (small.r, small.use_rslora) == (4, False)
 
 
-def test_new_tokens_adds_embeddings_and_lm_head_only_when_asked():
-    assert "embed_tokens" not in recommend("domain_adaptation", 20_000).targets
+def test_new_tokens_trains_embeddings_and_lm_head_in_full_only_when_asked():
+    assert recommend("domain_adaptation", 20_000).modules_to_save == ()
     plan = recommend("domain_adaptation", 20_000, new_tokens=True)
-    assert plan.targets.split(",")[-2:] == ["embed_tokens", "lm_head"]
+    # full copies (modules_to_save), as axolotl requires and LLaMA-Factory's resize_vocab does; no LoRA on them
+    assert plan.modules_to_save == ("embed_tokens", "lm_head") and "embed_tokens" not in plan.targets
     assert any("trainable_token_indices" in r.text for r in plan.reasons)
 
 

@@ -38,7 +38,7 @@ def tiny_model(folder: Path) -> str:
 def workload(shape: str):
     """(model, train examples, eval examples) of the seed script's data(): the same RNG calls, so
     the same token sequences."""
-    from loraplan.data.load import TokenizedExample
+    from loraplan.data.formats import TokenizedExample
 
     model = SHAPES.get(shape) or tiny_model(Path("/tmp/bench_tiny_model"))
     vocab = 128256 if shape != "tiny" else 128

@@ -60,7 +60,8 @@ def register(parser):
                         help="training examples in your data set (5000, 50k)")
     parser.add_argument("--complexity", default=None, help="low, medium or high (default medium)")
     parser.add_argument("--new-tokens", action="store_true",
-                        help="you add tokens to the vocabulary: also adapt the embeddings and lm_head")
+                        help="you add tokens to the vocabulary: also train the embeddings and lm_head (in full: "
+                             "modules_to_save)")
     parser.add_argument("--dora", action="store_true", help="DoRA at half the rank")
     parser.add_argument("--no-loraplus", dest="loraplus", action="store_false", help="leave LoRA+ (ratio 16) out")
     memory = parser.add_argument_group("memory (needs MODEL, --batch-size and --seq-len)")
@@ -81,7 +82,7 @@ def register(parser):
 
 
 def run(args) -> int:
-    from ..plan.export import export_plan
+    from ..plan.export import export_plan, unsaid
     from ..plan.recommend import TASK_ALIASES, TASKS, make_recommendation
 
     fmt = _format(args)
@@ -98,12 +99,18 @@ def run(args) -> int:
     elif fmt == "text":
         _print_text(result)
     else:
-        notes = [warning] if warning else []
+        notes = [r.text for r in result.plan.reasons if r.choice in FILE_NOTES]
         sys.stdout.write(export_plan(result.plan, fmt, result.structure, command=_command(args, fmt),
-                                     quant=args.quant, notes=notes))
+                                     quant=args.quant, notes=notes, warnings=[warning] if warning else []))
+        for note in unsaid(result.plan, fmt, notes):
+            print(f"note: {note}", file=sys.stderr)
     if warning and fmt != "text":
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+# Reasons that a tool's file must carry, not only the text output: what to do for new tokens.
+FILE_NOTES = ("new_tokens",)
 
 
 def _format(args) -> str:
@@ -158,19 +165,21 @@ def _print_text(result) -> None:
             ["use_rslora", _yes(plan.use_rslora)], ["use_dora", _yes(plan.use_dora)],
             ["loraplus_lr_ratio", f"{plan.loraplus_lr_ratio:g}" if plan.loraplus_lr_ratio else "off"],
             ["lora_dropout", cfg["lora_dropout"]], ["bias", plan.bias], ["task_type", plan.task_type]]
+    if cfg.get("modules_to_save"):
+        rows.insert(1, ["modules_to_save", ", ".join(cfg["modules_to_save"])])
     print(table(["setting", "value"], rows))
     print()
     width = max(60, shutil.get_terminal_size((110, 24)).columns - 1)
     print("why")
     for r in plan.reasons:
-        if r.choice not in ("quadrant", "note", "size", "memory"):
+        if r.choice not in ("quadrant", "note", "size", "memory") + FILE_NOTES:
             print(_wrapped(f"  {r.choice:<18} ", r.text, width))
     sized = [r for r in plan.reasons if r.choice in ("size", "memory")]
     if sized:
         print()
         for r in sized:
             print(_wrapped(f"{r.choice}: ", r.text, width))
-    notes = [r for r in plan.reasons if r.choice == "note"]
+    notes = [r for r in plan.reasons if r.choice in ("note",) + FILE_NOTES]
     if notes:
         print()
         for r in notes:

@@ -5,7 +5,9 @@ One grammar everywhere (CLI, YAML, Python): comma-separated items, each one of
 - a group: `attention` (every attention projection), `mlp` (every MLP projection, MoE experts
   included), `qv`;
 - a preset: `all-linear` (PEFT's meaning: every Linear/Conv1D but the output layer) or `all`
-  (all-linear + embed + lm_head);
+  (all-linear + embed + lm_head); a training tool's own "every linear layer", which is not PEFT's:
+  `axolotl:linear` (`lora_target_linear: true`), `llamafactory:all`, `llamafactory-v1:all`
+  (`lora_target: all` in LLaMA-Factory 0.9 and its v1 configs);
 - a module name or suffix (`q_proj`, `self_attn.o_proj`, `mlp.experts.down_proj`) or `re:REGEX`
   (matched against full module names, as PEFT does with a string).
 
@@ -30,6 +32,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 PRESETS = ("all-linear", "all")
 KEYWORDS = tuple(r for r in ROLES if r != "other") + tuple(GROUPS) + PRESETS
+TOOL_PRESETS = ("axolotl:linear", "llamafactory:all", "llamafactory-v1:all")
 _ALIASES = {"attn": "attention", "ffn": "mlp", "all_linear": "all-linear"}
 
 
@@ -163,6 +166,8 @@ def _select(structure: ModelStructure, item: str, notes: list[str], legacy: set[
     key = _ALIASES.get(key, key)
     if key.startswith("re:"):
         return _select_regex(structure, item[3:])
+    if key in TOOL_PRESETS:
+        return _select_tool_linear(structure, key, notes)
     if key == "all-linear":
         out = [m for m in structure.modules
                if m.kind in ("linear", "conv1d") and m.name != structure.output_embeddings]
@@ -200,6 +205,32 @@ def _select(structure: ModelStructure, item: str, notes: list[str], legacy: set[
                      f"{out[0].pattern} (the fused MoE experts)")
         return out
     raise _unknown_name(structure, item)
+
+
+def _select_tool_linear(structure: ModelStructure, key: str, notes: list[str]) -> list[ModuleInfo]:
+    """A tool's "every linear layer": the leaf names of the modules whose class is called *Linear*
+    (so not GPT-2's Conv1D), the output layer left out by *name*; PEFT then adapts every module
+    whose name ends in one of those leaves. axolotl 0.21: loaders/adapter.py find_all_linear_names
+    (the output name from get_linear_embedding_layers: lm_head); LLaMA-Factory 0.9: model_utils/misc.py
+    find_all_linear_modules; its v1: plugins/model_plugins/peft.py _find_all_linear_modules."""
+    modules = [m for m in structure.modules if not m.is_parameter]
+    if key == "axolotl:linear":
+        leaves = {m.leaf for m in modules if m.kind == "linear" or "Linear" in m.cls} - {"lm_head"}
+        tool = "axolotl's lora_target_linear"
+    else:
+        forbidden = {"lm_head"} | {"chatglm": {"output_layer"}, "internlm2": {"output"}}.get(structure.model_type, set())
+        if key == "llamafactory-v1:all":
+            forbidden = {"lm_head", "output_layer", "output", "score", "classifier"}
+        leaves = {m.leaf for m in modules if "Linear" in m.cls and "Embedding" not in m.cls
+                  and not any(f in m.name for f in forbidden)}
+        tool = "LLaMA-Factory's lora_target: all"
+    out = [m for m in modules if m.leaf in leaves]
+    if not out:
+        kinds = sorted({m.cls for m in modules if m.name != structure.output_embeddings})
+        notes.append(f"{tool} takes the classes named *Linear* but the output layer, and "
+                     f"{structure.architecture} has none (its layers: {', '.join(kinds)}), so the tool stops with "
+                     "PEFT's 'no target modules' error")
+    return out
 
 
 def _select_renamed(structure: ModelStructure, item: str) -> list[ModuleInfo]:

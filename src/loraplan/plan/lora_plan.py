@@ -27,7 +27,8 @@ class Reason:
 
 @dataclass(frozen=True)
 class LoraPlan:
-    targets: str = "all-linear"
+    # a spec string; a tuple of items when an item (a `re:` with `{1,3}`) holds a comma itself
+    targets: str | tuple[str, ...] = "all-linear"
     r: int = 8
     lora_alpha: float | None = None  # None: alpha = r (scaling 1, or sqrt(r) with rsLoRA)
     use_rslora: bool = False
@@ -44,6 +45,8 @@ class LoraPlan:
     reasons: tuple[Reason, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
         problems = []
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             problems.append(f"r must be a positive integer, got {self.r!r}")
@@ -128,6 +131,7 @@ _SPELLINGS = {
     "use_dora": "use_dora", "peft_use_dora": "use_dora", "dora": "use_dora",
     "loraplus_lr_ratio": "loraplus_lr_ratio", "lora_dropout": "lora_dropout", "dropout": "lora_dropout",
     "bias": "bias", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+    "lora_rank_pattern": "rank_pattern", "lora_alpha_pattern": "alpha_pattern",
     "modules_to_save": "modules_to_save", "lora_modules_to_save": "modules_to_save",
     "additional_target": "modules_to_save", "lora_bias": "lora_bias", "task_type": "task_type",
     "targets": "targets", "target_modules": "targets", "lora_target_modules": "targets",
@@ -200,12 +204,14 @@ def plan_fields(data: Mapping[str, Any], where: str = "config") -> dict[str, Any
     return out
 
 
-def join_targets(items: list[str]) -> str:
+def join_targets(items: list[str]) -> str | tuple[str, ...]:
     """Target items as one spec string. The grammar reads a spec that starts with `re:` as a single
-    regex, so a regex goes last (after the comma-separated names) and several regexes become one."""
+    regex, so a regex goes last (after the comma-separated names) and several regexes become one.
+    A regex holding a comma (`{1,3}`) cannot sit in a comma-separated spec: the items stay a tuple."""
     items = list(dict.fromkeys(items))
     regexes = [i[3:] for i in items if i.startswith("re:")]
     names = [i for i in items if not i.startswith("re:")]
     if len(regexes) > 1:
         regexes = ["|".join(f"(?:{r})" for r in regexes)]
-    return ",".join(names + [f"re:{r}" for r in regexes])
+    out = names + [f"re:{r}" for r in regexes]
+    return tuple(out) if any("," in i for i in out) else ",".join(out)

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..data.batches import MicroBatch
-from ..data.load import IGNORE_INDEX
+from ..data.formats import IGNORE_INDEX
 from .engine import PeftEngine, TrialState, _fault, grad_norm_message, record_train_loss
 from .spec import TrainingSettings
 
