@@ -23,7 +23,8 @@ SPEC_FLAGS = {
     "--max-examples": "data.max_examples", "--max-steps": "training.max_steps",
     "--batch-size": "training.batch_size", "--micro-batch-size": "training.micro_batch_size",
     "--lr": "training.learning_rate", "--eval-every": "training.eval_every", "--seed": "training.seed",
-    "--grad-ckpt": "training.grad_ckpt", "--quant": "training.quantization", "--halving": "halving.enabled",
+    "--grad-ckpt": "training.grad_ckpt", "--quant": "training.quantization", "--engine": "training.engine",
+    "--halving": "halving.enabled",
     "--trust-remote-code": "trust_remote_code",
 }
 

@@ -95,6 +95,7 @@ class PeftEngine:
         self.pad_id = 0
         self.pad_multiple = 1
         self.live: dict[str, TrialState] = {}  # started and not finished, attached or parked
+        self.notes: list[str] = []  # what the output should say about how trials ran (fallbacks)
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -323,23 +324,14 @@ class PeftEngine:
             total += loss.item()
             state.tokens += int(mask.sum())
         state.step += 1
-        lr = state.optimizer.param_groups[0]["lr"]
-        state.losses.append(total)
-        state.writer.log(TrainPoint(state.step, total, lr, state.tokens, round(time.time() - state.started, 3)))
-        if not math.isfinite(total):
-            state.status, state.message = TrialStatus.DIVERGED, f"loss is {total} at step {state.step}"
-            state.optimizer.zero_grad(set_to_none=True)
-            return
-        start = sorted(state.losses[:3])[len(state.losses[:3]) // 2]
-        if state.step > 3 and total > BLOWUP_FACTOR * start:
-            state.status = TrialStatus.DIVERGED
-            state.message = f"loss blew up to {total:.3g} at step {state.step} (started at {start:.3g})"
+        record_train_loss(state, total, state.optimizer.param_groups[0]["lr"])
+        if state.status is not None:
             state.optimizer.zero_grad(set_to_none=True)
             return
         if self.settings.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(state.params, self.settings.max_grad_norm)
             if not torch.isfinite(norm):
-                state.status, state.message = TrialStatus.DIVERGED, f"gradient norm is {float(norm)} at step {state.step}"
+                state.status, state.message = TrialStatus.DIVERGED, grad_norm_message(float(norm), state.step)
                 state.optimizer.zero_grad(set_to_none=True)
                 return
         state.optimizer.step()
@@ -350,12 +342,22 @@ class PeftEngine:
     def evaluate(self, state: TrialState, eval_set: list[MicroBatch]) -> tuple[EvalPoint, EvalBatches]:
         """Token-weighted eval loss, its standard error from the per-batch losses, and the per-batch
         values (so two trials can be compared batch by batch)."""
+        t0 = time.time()
+        losses, counts = self._eval_losses(eval_set)
+        mean, sem = weighted_mean_sem(losses, counts)
+        point = EvalPoint(state.step, mean, sem, len(losses), round(time.time() - state.started, 3),
+                          round(time.time() - t0, 3))
+        state.writer.log(point)
+        return point, EvalBatches(losses, counts)
+
+    def _eval_losses(self, eval_set: list[MicroBatch]) -> tuple[list[float], list[int]]:
+        """Each eval batch's mean loss over its supervised tokens, and that count (batches without any
+        are left out)."""
         import torch
 
         model = self.peft_model
         model.eval()
         losses, counts = [], []
-        t0 = time.time()
         with torch.no_grad():
             for mb in eval_set:
                 n = mb.supervised
@@ -364,11 +366,7 @@ class PeftEngine:
                 ids, labels, mask = mb.tensors(self.device, self.pad_id, self.pad_multiple)
                 losses.append(float(model_loss(model, ids, labels, mask, n)))
                 counts.append(n)
-        mean, sem = weighted_mean_sem(losses, counts)
-        point = EvalPoint(state.step, mean, sem, len(losses), round(time.time() - state.started, 3),
-                          round(time.time() - t0, 3))
-        state.writer.log(point)
-        return point, EvalBatches(losses, counts)
+        return losses, counts
 
     def _release(self, state: TrialState) -> None:
         import torch
@@ -412,7 +410,26 @@ class PeftEngine:
             steps=state.step, wall_s=round(time.time() - state.started, 3), train_s=round(state.train_seconds, 3),
             tokens_per_s=round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
             peak_memory_bytes=state.peak_memory, adapter="adapter" if saved else None,
-            eval_batches=state.last_eval_batches if ev else None, started=state.started_at)
+            eval_batches=state.last_eval_batches if ev else None, started=state.started_at,
+            engine="peft")
+
+
+def record_train_loss(state: TrialState, total: float, lr: float) -> None:
+    """Log step `state.step`'s train loss; mark the trial diverged when the loss is not finite or
+    has blown up (above BLOWUP_FACTOR × the median of the first three steps)."""
+    state.losses.append(total)
+    state.writer.log(TrainPoint(state.step, total, lr, state.tokens, round(time.time() - state.started, 3)))
+    if not math.isfinite(total):
+        state.status, state.message = TrialStatus.DIVERGED, f"loss is {total} at step {state.step}"
+        return
+    start = sorted(state.losses[:3])[len(state.losses[:3]) // 2]
+    if state.step > 3 and total > BLOWUP_FACTOR * start:
+        state.status = TrialStatus.DIVERGED
+        state.message = f"loss blew up to {total:.3g} at step {state.step} (started at {start:.3g})"
+
+
+def grad_norm_message(norm: float, step: int) -> str:
+    return f"gradient norm is {norm} at step {step}"
 
 
 def model_loss(model, ids, labels, mask, num_items: int):

@@ -185,6 +185,7 @@ class TrialResult:
     tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
     adapter: str | None = None  # the adapter folder, relative to the trial's folder
+    engine: str | None = None  # which engine trained it: fast or peft (sweeps/fast_engine.py)
     eval_batches: EvalBatches | None = None
     started: str | None = None
     finished: str | None = None

@@ -19,7 +19,7 @@ from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
 from ..files import read_json
 from ..plan.count import count_plan, human_bytes, human_count
-from .engine import PeftEngine
+from .fast_engine import make_engine
 from .folder import (
     LEDGER_FORMAT,
     Summary,
@@ -189,7 +189,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     eval_set = eval_batches(eval_examples, t.micro_batch_size or t.batch_size)
     bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
     if pending:
-        engine = PeftEngine(spec.model, t, trust_remote_code=spec.trust_remote_code, random_init=random_init)
+        engine = make_engine(t.engine, spec.model, t, trust_remote_code=spec.trust_remote_code, random_init=random_init)
         engine.load(tokenizer.pad_token_id)
         header["environment"]["device"] = engine.device_name()
         header["environment"]["dtype"] = engine.dtype_name
@@ -207,6 +207,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
         finally:
             engine.close()
             bars.close()
+        warnings = warnings + engine.notes  # trials the fast engine handed to PEFT, and why
     folder = ledger.read()
     names = {t.name for t in trials}
     results = [r for r in folder.trials if r.name in names]

@@ -78,6 +78,9 @@ class TrainingSettings(_Strict):
     quantization: Literal["4bit", "8bit"] | None = Field(None, description="a quantized base, 4bit for QLoRA "
                                                                            "(bitsandbytes, CUDA); null: none")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; null: no clipping")
+    engine: Literal["auto", "fast", "peft"] = Field(
+        "auto", description="fast: loraplan's engine (bf16 adapter path, CUDA graphs); peft: transformers + PEFT "
+                            "as they are; auto: fast on a CUDA GPU. Trials fast cannot run go to PEFT, and say so")
 
 
 class DataSettings(_Strict):
