@@ -50,8 +50,8 @@ def main() -> None:
         result = sweep(str(task.base), str(task.train), eval=str(task.eval), out=work / engine, progress=False,
                        overrides={"trials": trials, **{f"training.{k}": v for k, v in training.items()},
                               "training.engine": engine, "data.max_length": task.spec.seq_len + 8})
-        runs[engine] = {"wall_s": round(time.time() - t1, 1), "results": {r["name"]: r for r in result.results},
-                        "recommended": result.summary.get("recommended"), "warnings": result.warnings}
+        runs[engine] = {"wall_s": round(time.time() - t1, 1), "results": {r.name: r.to_json() for r in result.results},
+                        "recommended": result.summary.recommended, "warnings": result.warnings}
     rows = []
     for t in trials:
         a, b = runs["peft"]["results"][t["name"]], runs["fast"]["results"][t["name"]]
