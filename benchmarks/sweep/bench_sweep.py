@@ -23,7 +23,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b"}
+SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b",
+          "qwen3-30b-a3b": "builtin:qwen3-30b-a3b", "mixtral-8x7b": "builtin:mixtral-8x7b"}
+
+
+def cut_layers(model: str, layers: int) -> str:
+    """A config folder of MODEL with only its first LAYERS layers (an MoE shape one GPU holds)."""
+    from loraplan.model.loading import read_config_dict
+
+    config = dict(read_config_dict(model)[0])
+    config["num_hidden_layers"] = layers
+    folder = Path(f"/tmp/bench_{model.split(':')[-1]}_{layers}l")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def parse_trials(text: str):
+    """"attention_r16=attention:16,experts_r16=attention,experts:16" -> trials (items split on ';')."""
+    from loraplan.plan.lora_plan import LoraPlan
+    from loraplan.sweeps.spec import Trial
+
+    out = []
+    for item in filter(None, text.split(";")):
+        name, _, rest = item.partition("=")
+        targets, _, r = rest.rpartition(":")
+        out.append(Trial(name=name.strip(), plan=LoraPlan(targets=targets.strip(), r=int(r), lora_dropout=0.0)))
+    return out
 
 
 def tiny_model(folder: Path) -> str:
@@ -92,8 +118,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama-1b", choices=[*SHAPES, "tiny"])
+    p.add_argument("--tag", default="", help="added to the output file's name")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--only", default=None, help="comma-separated config names")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers of the shape")
+    p.add_argument("--trials", default=None, help="instead of the seeds' grid: NAME=TARGETS:R items split by ';'")
     p.add_argument("--engine", default="auto", choices=["auto", "fast", "peft"])
     p.add_argument("--options", default=None, help="fast engine options, e.g. graphs=0,bucket=16")
     p.add_argument("--micro-batch-size", type=int, default=None)
@@ -103,6 +132,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, train, evald = workload(args.shape)
+    if args.layers:
+        model = cut_layers(model, args.layers)
     settings = settings_for(args.steps, args.micro_batch_size, args.engine)
     t_load = time.time()
     engine = make_engine(args.engine, model, settings, random_init=True, options=parse_options(args.options))
@@ -110,7 +141,7 @@ def main() -> None:
     load_s = time.time() - t_load
     steps = training_steps(train, args.steps, 8, args.micro_batch_size, 0)
     evalset = eval_batches(evald, args.micro_batch_size or 8)
-    trials = expand(SweepSpec())
+    trials = parse_trials(args.trials) if args.trials else expand(SweepSpec())
     if args.only:
         trials = [t for t in trials if t.name in args.only.split(",")]
     ledger = SweepFolder(Path(args.ledgers) / f"{args.shape}_{engine.name}_{time.time():.0f}")
@@ -127,7 +158,7 @@ def main() -> None:
                    "sweep_plus_load_s": round(sweep_s + load_s, 1), "params": n_params, "device": engine.device_name(),
                    "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                    "notes": engine.notes, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-        (out / f"loraplan_sweep_{args.shape}_{engine.name}.json").write_text(json.dumps(summary, indent=1))
+        (out / f"loraplan_sweep_{args.shape}{args.tag}_{engine.name}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     for trial in trials:
