@@ -61,13 +61,13 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
-def workload(shape: str):
+def workload(shape: str, vocab: int | None = None):
     """(model, train examples, eval examples) of the seed script's data(): the same RNG calls, so
     the same token sequences."""
     from loraplan.data.formats import TokenizedExample
 
     model = SHAPES.get(shape) or tiny_model(Path("/tmp/bench_tiny_model"))
-    vocab = 128256 if shape != "tiny" else 128
+    vocab = min(vocab or 128256, 128256) if shape != "tiny" else 128  # the seeds' ids, below the model's vocabulary
     lo, hi = (64, 512) if shape != "tiny" else (8, 32)
     first = 1000 if shape != "tiny" else 7
 
@@ -134,6 +134,8 @@ def main() -> None:
     model, train, evald = workload(args.shape)
     if args.layers:
         model = cut_layers(model, args.layers)
+        vocab = json.loads((Path(model) / "config.json").read_text()).get("vocab_size")
+        model, train, evald = model, *workload(args.shape, vocab)[1:]
     settings = settings_for(args.steps, args.micro_batch_size, args.engine)
     t_load = time.time()
     engine = make_engine(args.engine, model, settings, random_init=True, options=parse_options(args.options))
