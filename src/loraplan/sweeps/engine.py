@@ -70,7 +70,8 @@ class TrialState:
 def _fault(name: str, step: int) -> str | None:
     """Fault injection for the resilience tests: LORAPLAN_FAULT="trial:nan@3,other:oom@2" makes that
     trial's loss NaN at step 3 / raises an out-of-memory error at step 2; "trial:hang@2" stalls it
-    there (so that a test can SIGKILL the process mid-trial)."""
+    there (so that a test can SIGKILL the process mid-trial); "trial:pause@2" stalls it 2 seconds, on
+every attempt (so that a test can kill its worker, and the trial runs again)."""
     for item in filter(None, os.environ.get("LORAPLAN_FAULT", "").split(",")):
         trial, _, rest = item.partition(":")
         kind, _, at = rest.partition("@")
@@ -310,8 +311,8 @@ class PeftEngine:
         t0 = time.perf_counter()
         supervised = sum(mb.supervised for mb in micro_batches)
         fault = _fault(state.name, state.step + 1)
-        if fault == "hang":
-            time.sleep(600)
+        if fault in ("hang", "pause"):
+            time.sleep(600 if fault == "hang" else 2)
         if fault == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory (injected by LORAPLAN_FAULT)")
         total = 0.0

@@ -345,8 +345,8 @@ class FastEngine(PeftEngine):
         if ft.since is None:
             ft.since = t0
         fault = _fault(state.name, state.step + 1)
-        if fault == "hang":
-            time.sleep(600)
+        if fault in ("hang", "pause"):
+            time.sleep(600 if fault == "hang" else 2)
         if fault == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory (injected by LORAPLAN_FAULT)")
         count = max(sum(mb.supervised for mb in micro_batches), 1)
