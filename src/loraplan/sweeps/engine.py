@@ -114,6 +114,8 @@ class PeftEngine:
         self.pad_multiple = 64 if self.device.type == "cuda" else 1
         if self.settings.quantization and self.device.type != "cuda":
             raise UsageError(f"{self.settings.quantization} quantization needs a CUDA GPU")
+        if self.random_init:
+            torch.manual_seed(self.settings.seed)  # the same random base in every worker of a sweep
         self.base = load_model(self.model_source, dtype=self.settings.dtype, device=str(self.device),
                                trust_remote_code=self.trust_remote_code,
                                quantization=self.settings.quantization, random_init=self.random_init)
