@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,11 @@ from support.cli import one_line_error
 from support.tiny import save_tiny_model
 
 from loraplan.cli import main
-from loraplan.sweeps.runner import sweep
+from loraplan.plan.lora_plan import LoraPlan
+from loraplan.sweeps.executors import Report, Slot, _Pool
+from loraplan.sweeps.folder import TrialResult, TrialStatus, TrialWriter
+from loraplan.sweeps.runner import _Progress, sweep
+from loraplan.sweeps.spec import Trial
 
 GRID = {"targets": ["q", "attention", "mlp", "attention,mlp"], "r": [4], "alpha": ["r"]}
 SETTINGS = {"training.max_steps": 8, "training.batch_size": 4, "training.eval_every": 4, "training.warmup_steps": 1,
@@ -175,6 +180,54 @@ def test_ray_workers_killed_lose_one_trial_and_a_killed_driver_loses_nothing(wor
     _kill_worker_then_driver(root, model, root / "ray-killed", ["--executor", "ray", "--ray-address", ray_cluster])
 
 
+class ScriptedPool(_Pool):
+    """The pool's dispatch without processes: a worker answers at once, or dies on the trials in `deadly`."""
+
+    def __init__(self, deadly=()):
+        super().__init__(None, _Progress(0, 0, 0, enabled=False), [Slot("a", "cpu"), Slot("b", "cpu")])
+        self.deadly, self.replies, self.calls, self.replaced = set(deadly), deque(), [], []
+
+    def _send(self, w, call):
+        _, trial, writer, until, final = call
+        self.calls.append((trial.name, w))
+        if trial.name in self.deadly:
+            self.replies.append((w, False, "exit code -9"))
+            return
+        result = writer.finish(TrialResult(trial.name, TrialStatus.COMPLETED, steps=until)) if final else None
+        self.replies.append((w, True, Report(trial.name, until, 1.0, result)))
+
+    def _next(self):
+        return self.replies.popleft()
+
+    def _replace(self, w):
+        self.replaced.append(w)
+
+
+def _jobs(tmp_path, names):
+    return [(Trial(name=n, plan=LoraPlan(targets="q", r=4)), TrialWriter(tmp_path / n, n)) for n in names]
+
+
+def test_a_trial_whose_worker_dies_runs_once_more_then_is_recorded_failed(tmp_path):
+    pool = ScriptedPool(deadly={"b"})
+    reports = pool.advance(_jobs(tmp_path, ["a", "b", "c"]), 4, final=True)
+    assert [r.result.status for r in reports] == ["completed", "failed", "completed"]
+    assert "its worker died 2 times while running it (exit code -9)" in reports[1].result.message
+    assert [name for name, _ in pool.calls].count("b") == 2 and len(pool.replaced) == 2
+    assert [name for name, _ in pool.calls].count("a") == 1  # the others ran once
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["status"] == "failed"
+
+
+def test_a_trial_going_on_to_the_next_rung_stays_on_the_worker_that_holds_it(tmp_path):
+    pool = ScriptedPool()
+    jobs = _jobs(tmp_path, ["a", "b", "c", "d"])
+    pool.advance(jobs, 2, final=False)
+    first = dict(pool.calls)
+    pool.calls.clear()
+    pool.advance(jobs[::-1], 4, final=True)  # in another order: each still goes back to its worker
+    assert dict(pool.calls) == first and len(set(first.values())) == 2
+    assert pool.holder == {}  # finished trials are held nowhere
+
+
 def test_dry_run_shows_where_each_trial_goes(workspace, tmp_path, capsys):
     root, model = workspace
     code = main(["sweep", model, "--data", str(root / "train.jsonl"), "--out", str(tmp_path / "dry"), "--dry-run",
@@ -195,6 +248,7 @@ def test_executor_errors_are_one_line(workspace, tmp_path, capsys, monkeypatch):
         one_line_error(capsys, [*base, "--gpus", "0"], "--gpus 0: no GPU 0", "cpu:N")
     one_line_error(capsys, [*base, "--gpus", "0,0"], "names a GPU twice")
     one_line_error(capsys, [*base, "--gpus", "two"], "not a list of GPU indices")
+    one_line_error(capsys, [*base, "--ray-address", "10.0.0.1:6379"], "--ray-address is for --executor ray")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     one_line_error(capsys, [*base, "--executor", "ray"], "needs Ray", "pip install 'loraplan[ray]'")
     assert not (tmp_path / "x").exists()

@@ -80,6 +80,19 @@ every attempt (so that a test can kill its worker, and the trial runs again)."""
     return None
 
 
+def inject_fault(name: str, step: int) -> str | None:
+    """Act on LORAPLAN_FAULT before a step (stall, or raise an out-of-memory error);
+    the fault left for the step itself (nan) is returned."""
+    import torch
+
+    fault = _fault(name, step)
+    if fault in ("hang", "pause"):
+        time.sleep(600 if fault == "hang" else 2)
+    if fault == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by LORAPLAN_FAULT)")
+    return fault
+
+
 class PeftEngine:
     name = "peft"
 
@@ -312,11 +325,7 @@ class PeftEngine:
         model.train()
         t0 = time.perf_counter()
         supervised = sum(mb.supervised for mb in micro_batches)
-        fault = _fault(state.name, state.step + 1)
-        if fault in ("hang", "pause"):
-            time.sleep(600 if fault == "hang" else 2)
-        if fault == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by LORAPLAN_FAULT)")
+        fault = inject_fault(state.name, state.step + 1)
         total = 0.0
         for mb in micro_batches:
             ids, labels, mask = mb.tensors(self.device, self.pad_id, self.pad_multiple)

@@ -535,7 +535,14 @@ def place(settings: ExecutorSettings, trials: int) -> Placement:
     """The workers the settings ask for, checked against this machine (or the Ray cluster)."""
     host = socket.gethostname()
     if settings.kind == "ray":
+        if settings.gpus is not None:
+            raise UsageError("--gpus picks this machine's GPUs for --executor local",
+                             "on Ray, --gpus-per-trial and --workers say how many GPUs each worker and the sweep use")
         return _place_ray(settings, trials)
+    if settings.ray_address is not None or settings.workers is not None:
+        flag = "--ray-address" if settings.ray_address is not None else "--workers"
+        raise UsageError(f"{flag} is for --executor ray", f"add --executor ray, or leave {flag} out (here --gpus "
+                                                          "says which GPUs, one worker each)")
     if settings.gpus and settings.gpus.startswith("cpu:"):
         n = min(int(settings.gpus[4:]), max(trials, 1))
         return Placement("local", [Slot(f"{host}/cpu-worker-{k}", "cpu") for k in range(n)], [None] * n)
