@@ -182,6 +182,7 @@ class _Task:
     until: int
     final: bool
     attempts: int = 0
+    worker: int = 0  # where it last ran
 
 
 class _Pool(InProcess):
@@ -225,8 +226,12 @@ class _Pool(InProcess):
         else:
             self._send(w, ("stop", name, status, message))
             _, ok, reply = self._wait_for(w)
-            result = reply if ok else TrialWriter(self._trials_dir / name, name).finish(
-                TrialResult(name, status, f"{message}; its worker died ({reply}) before saving it"))
+            if ok:
+                result = reply
+            else:
+                self._dead(w)
+                result = TrialWriter(self._trials_dir / name, name).finish(
+                    TrialResult(name, status, f"{message}; its worker died ({reply}) before saving it"))
         self.bars.done(result)
         return result
 
@@ -250,7 +255,7 @@ class _Pool(InProcess):
                     continue
                 todo.remove(task)
                 running[w] = task
-                task.attempts += 1
+                task.attempts, task.worker = task.attempts + 1, w
                 self.holder[task.trial.name] = w
                 self._send(w, ("run", task.trial, task.writer, task.until, task.final))
             w, ok, reply = self._next()
@@ -261,10 +266,7 @@ class _Pool(InProcess):
                         self.holder.pop(task.trial.name, None)
                     yield task, reply
                 continue
-            # the worker died: every trial it held starts again from step 0 wherever it runs next
-            for name in [n for n, holder in self.holder.items() if holder == w]:
-                del self.holder[name]
-            self._replace(w)
+            self._dead(w)
             if task is None:
                 continue
             if task.attempts < ATTEMPTS:
@@ -272,13 +274,19 @@ class _Pool(InProcess):
             else:
                 yield task, reply
 
+    def _dead(self, w: int) -> None:
+        """Worker w died: every trial it held starts again from step 0 wherever it runs next."""
+        for name in [n for n, holder in self.holder.items() if holder == w]:
+            del self.holder[name]
+        self._replace(w)
+
     def _lost(self, task: _Task, reason) -> Report:
         """A trial whose worker died on every attempt: recorded failed (oom when it was the OOM killer)."""
         oom = "memory" in str(reason).lower()
-        message = f"its worker died {task.attempts} times while running it ({reason}); " \
-                  "rerun the sweep to try again"
+        message = (f"its worker died {task.attempts} times while running it ({reason}); to try again, delete "
+                   f"trials/{task.trial.name}/ and rerun the sweep")
         writer = task.writer
-        writer.placement = writer.placement or self.slots[0].label
+        writer.placement = writer.placement or self.slots[task.worker].label
         result = writer.finish(TrialResult(task.trial.name, TrialStatus.OOM if oom else TrialStatus.FAILED, message,
                                            targets=task.trial.plan.targets, r=task.trial.plan.r,
                                            lora_alpha=task.trial.plan.alpha))

@@ -403,7 +403,8 @@ def read_trial(folder: str | os.PathLike, name: str | None = None, notes: list[s
     elif folder.is_dir() and any(folder.iterdir()):
         status = TrialStatus.UNFINISHED
         message = "no result.json yet: still running, or interrupted (a rerun of the sweep restarts it)"
-    trial = TrialResult(name, status, message, plan=plan, metrics=metrics)
+    trial = TrialResult(name, status, message, plan=plan, metrics=metrics,
+                        placement=plan.placement if plan else None)  # a running trial: where it runs
     settings = plan.settings if plan else {}
     for key, kind in (("targets", str), ("r", int), ("lora_alpha", float), ("use_rslora", bool),
                       ("use_dora", bool), ("loraplus_lr_ratio", float)):
@@ -796,6 +797,15 @@ class SweepFolder:
 
     def close(self) -> None:
         self._lock.release()
+
+
+def ran_on(trials: list[TrialResult]) -> str | None:
+    """Where the trials ran, grouped: `node-a/cuda:0 (pid 11): q_r8, mlp_r8; node-a/cuda:1 (pid 12): all_r8`."""
+    places: dict[str, list[str]] = {}
+    for t in trials:
+        if t.placement:
+            places.setdefault(t.placement, []).append(t.name)
+    return "; ".join(f"{where}: {', '.join(names)}" for where, names in places.items()) or None
 
 
 CSV_COLUMNS = ("name", "status", "targets", "r", "lora_alpha", "use_rslora", "use_dora", "loraplus_lr_ratio",

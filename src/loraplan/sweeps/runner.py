@@ -28,6 +28,7 @@ from .folder import (
     TrialResult,
     TrialStatus,
     now,
+    ran_on,
     spec_hash,
 )
 from .ranking import summarize
@@ -333,12 +334,8 @@ def summary_markdown(sweep: Sweep, results: list[TrialResult], summary: Summary)
     training = sweep.spec.get("training", {})
     lines.append(f"Training per trial: {training.get('max_steps')} steps × batch {training.get('batch_size')}, "
                  f"lr {training.get('learning_rate')}, {training.get('scheduler')} schedule, seed {training.get('seed')}.")
-    places: dict[str, list[str]] = {}
-    for r in results:
-        if r.placement:
-            places.setdefault(r.placement, []).append(r.name)
-    if places:
-        lines.append("Ran on: " + "; ".join(f"{where}: {', '.join(names)}" for where, names in places.items()) + ".")
+    if ran_on(results):
+        lines.append(f"Ran on: {ran_on(results)}.")
     lines += ["", "| " + " | ".join(RESULT_HEADERS) + " |", "|" + "---|" * len(RESULT_HEADERS)]
     for row in result_rows(results, summary):
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
