@@ -407,7 +407,7 @@ class LocalPool(_Pool):
                 self._send(w, ("close",))
         for proc in self.procs:
             if proc is not None:
-                proc.join(timeout=30)
+                proc.join(timeout=10)  # an idle worker closes at once; one still in a trial (Ctrl-C) is killed
                 if proc.is_alive():
                     proc.kill()
 
