@@ -535,9 +535,6 @@ class Placement:
                          "memory_bytes": need, "device_memory_bytes": slot.memory_bytes, "fits": fits})
         return rows
 
-    def to_json(self) -> dict:
-        return {"executor": self.kind, "workers": [s.label for s in self.slots]}
-
 
 def place(settings: ExecutorSettings, trials: int) -> Placement:
     """The workers the settings ask for, checked against this machine (or the Ray cluster)."""
