@@ -46,10 +46,10 @@ def test_attention_and_expert_trials_complete_and_the_expert_adapter_reloads(moe
     out = root / "ledger"
     result = sweep(model, str(root / "train.jsonl"), out=out, progress=False,
                    overrides={"grid": {"targets": ["attention", "experts"], "r": [4], "alpha": ["r"]}, **FAST})
-    by_name = {r["name"]: r for r in result.results}
-    assert {n: r["status"] for n, r in by_name.items()} == {"attention_r4": "completed", "experts_r4": "completed"}
+    by_name = {r.name: r for r in result.results}
+    assert {n: r.status for n, r in by_name.items()} == {"attention_r4": "completed", "experts_r4": "completed"}
     for name, r in by_name.items():
-        assert r["trainable_params"] == count(model, targets=r["targets"], rank=4).trainable_params
+        assert r.trainable_params == count(model, targets=r.targets, rank=4).trainable_params
     config = json.loads((out / "trials" / "experts_r4" / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == ["down_proj", "gate_up_proj"] and config["target_modules"] == []
     assert json.loads((out / "trials" / "attention_r4" / "adapter" / "adapter_config.json").read_text()).get(
@@ -67,7 +67,7 @@ def test_attention_and_expert_trials_complete_and_the_expert_adapter_reloads(moe
             logits = peft_model(input_ids=ids, attention_mask=mask).logits
             losses.append(float(causal_lm_loss_sum(logits, labels)) / mb.supervised)
             counts.append(mb.supervised)
-    assert weighted_mean_sem(losses, counts)[0] == pytest.approx(by_name["experts_r4"]["eval_loss"], abs=1e-5)
+    assert weighted_mean_sem(losses, counts)[0] == pytest.approx(by_name["experts_r4"].eval_loss, abs=1e-5)
     # the experts moved: the adapter is not the base model, and analyze reads it per expert
     with torch.no_grad():
         base_logits = load_model(model, dtype="fp32", device="cpu")(input_ids=ids, attention_mask=mask).logits
@@ -87,13 +87,13 @@ def test_trials_with_other_target_parameters_share_a_halving_run_exactly(moe_wor
     # the router's adapter is attached first; the experts' then parks it, and so on at every rung
     mixed = sweep(model, str(root / "train.jsonl"), out=root / "mixed", progress=False,
                   overrides={"grid": {"targets": ["router", "experts"], "r": [4], "alpha": ["r"]}, **halving})
-    assert alone.results[0]["status"] == "completed"
-    assert sorted(r["status"] for r in mixed.results) == ["completed", "pruned"]
+    assert alone.results[0].status == "completed"
+    assert sorted(r.status for r in mixed.results) == ["completed", "pruned"]
     expected = _train_losses(root / "alone" / "trials" / "experts_r4")
     got = _train_losses(root / "mixed" / "trials" / "experts_r4")
     assert len(got) >= 2 and got == expected[:len(got)]
     for r in mixed.results:
-        assert (root / "mixed" / "trials" / r["name"] / "adapter" / "adapter_model.safetensors").exists()
+        assert (root / "mixed" / "trials" / r.name / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_dora_on_experts_is_refused_before_loading(moe_workspace, tmp_path, capsys):
