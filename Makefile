@@ -1,6 +1,6 @@
 # The two set-up commands of the README. Both create .venv and install what they need.
 #   make demo          the main job on the built-in example (offline, CPU, a few minutes)
-#   make test          the test suite, on the pinned transformers/PEFT/accelerate (constraints.txt)
+#   make test          the test suite, on the pinned transformers/PEFT/accelerate/Ray (constraints.txt)
 #   make test-newest   the exactness tests again on the newest transformers/PEFT/accelerate (.venv-newest)
 # The training tools' own checks of loraplan's files (tests/test_tools_*.py, marked `tools`):
 #   make tools-test           TRL 1.16, LLaMA-Factory 0.9.5, torchtune 0.6.1 in .venv-tools (~5 min, CI runs it)
@@ -29,7 +29,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/loraplan demo
 
-test: install
+# The tests also need the optional extras they exercise: Ray (tests/test_sweep_executors.py).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,ray]"
+	touch $@
+
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
 # A second venv with no constraints: pip takes the newest releases (torch is the same local wheel).

@@ -47,7 +47,7 @@ def test_attention_and_expert_trials_complete_and_the_expert_adapter_reloads(moe
     result = sweep(model, str(root / "train.jsonl"), out=out, progress=False,
                    overrides={"grid": {"targets": ["attention", "experts"], "r": [4], "alpha": ["r"]}, **FAST})
     by_name = {r.name: r for r in result.results}
-    assert {n: r.status.value for n, r in by_name.items()} == {"attention_r4": "completed", "experts_r4": "completed"}
+    assert {n: r.status for n, r in by_name.items()} == {"attention_r4": "completed", "experts_r4": "completed"}
     for name, r in by_name.items():
         assert r.trainable_params == count(model, targets=r.targets, rank=4).trainable_params
     config = json.loads((out / "trials" / "experts_r4" / "adapter" / "adapter_config.json").read_text())
@@ -87,8 +87,8 @@ def test_trials_with_other_target_parameters_share_a_halving_run_exactly(moe_wor
     # the router's adapter is attached first; the experts' then parks it, and so on at every rung
     mixed = sweep(model, str(root / "train.jsonl"), out=root / "mixed", progress=False,
                   overrides={"grid": {"targets": ["router", "experts"], "r": [4], "alpha": ["r"]}, **halving})
-    assert alone.results[0].status.value == "completed"
-    assert sorted(r.status.value for r in mixed.results) == ["completed", "pruned"]
+    assert alone.results[0].status == "completed"
+    assert sorted(r.status for r in mixed.results) == ["completed", "pruned"]
     expected = _train_losses(root / "alone" / "trials" / "experts_r4")
     got = _train_losses(root / "mixed" / "trials" / "experts_r4")
     assert len(got) >= 2 and got == expected[:len(got)]

@@ -25,6 +25,8 @@ SPEC_FLAGS = {
     "--lr": "training.learning_rate", "--eval-every": "training.eval_every", "--seed": "training.seed",
     "--grad-ckpt": "training.grad_ckpt", "--quant": "training.quantization", "--engine": "training.engine",
     "--halving": "halving.enabled",
+    "--executor": "executor.kind", "--gpus": "executor.gpus", "--ray-address": "executor.ray_address",
+    "--gpus-per-trial": "executor.gpus_per_trial", "--workers": "executor.workers",
     "--trust-remote-code": "trust_remote_code",
 }
 
@@ -74,11 +76,13 @@ def run(args) -> int:
     if result.dry_run:
         rows = [[p["name"], p["targets"], p["r"], f"{p['lora_alpha']:g}", "✓" if p["use_rslora"] else "",
                  "✓" if p["use_dora"] else "", human_count(p["trainable_params"]),
-                 human_bytes(p["memory_bytes"]) if p.get("memory_bytes") else "—",
+                 human_bytes(p["memory_bytes"]) if p.get("memory_bytes") else "—", p["worker"],
                  ", ".join(p["target_modules"]) if isinstance(p["target_modules"], list) else p["target_modules"]]
                 for p in result.preview]
-        print(table(["trial", "targets", "r", "alpha", "rsLoRA", "DoRA", "params", "est. GPU memory", "target_modules"],
-                    rows, "llrrllrrl"))
+        print(table(["trial", "targets", "r", "alpha", "rsLoRA", "DoRA", "params", "est. GPU memory", "worker",
+                     "target_modules"], rows, "llrrllrrll"))
+        for line in placement_lines(result.preview):
+            print(line)
         print(f"{len(rows)} trials; nothing trained (--dry-run)")
         return 0
     print()
@@ -95,3 +99,25 @@ def run(args) -> int:
     if not any(r.status is TrialStatus.COMPLETED for r in result.results):
         raise RunError("no trial completed", "see summary.md and trials/*/result.json (error.txt for failures)")
     return 0
+
+
+def placement_lines(preview: list[dict]) -> list[str]:
+    """Per worker: its device, the trials it takes first, and the memory check of the largest."""
+    from ..plan.count import human_bytes
+
+    workers: dict[str, list[dict]] = {}
+    for p in preview:
+        workers.setdefault(p["worker"], []).append(p)
+    lines = []
+    for worker, rows in workers.items():
+        device, total = rows[0]["device"], rows[0]["device_memory_bytes"]
+        needs = [r["memory_bytes"] for r in rows if r.get("memory_bytes")]
+        if total is None or not needs:
+            check = "memory checked when it loads"
+        else:
+            verdict = "fits" if max(needs) <= total else "does NOT fit"
+            check = f"largest trial needs {human_bytes(max(needs))} of {human_bytes(total)}: {verdict}"
+        lines.append(f"worker {worker} ({device}): {', '.join(r['name'] for r in rows)}; {check}")
+    if len(workers) > 1:
+        lines.append("(trial i goes to worker i mod n first; then each free worker takes the next trial)")
+    return lines

@@ -70,13 +70,27 @@ class TrialState:
 def _fault(name: str, step: int) -> str | None:
     """Fault injection for the resilience tests: LORAPLAN_FAULT="trial:nan@3,other:oom@2" makes that
     trial's loss NaN at step 3 / raises an out-of-memory error at step 2; "trial:hang@2" stalls it
-    there (so that a test can SIGKILL the process mid-trial)."""
+    there (so that a test can SIGKILL the process mid-trial); "trial:pause@2" stalls it 2 seconds, on
+every attempt (so that a test can kill its worker, and the trial runs again)."""
     for item in filter(None, os.environ.get("LORAPLAN_FAULT", "").split(",")):
         trial, _, rest = item.partition(":")
         kind, _, at = rest.partition("@")
         if trial == name and int(at or 1) == step:
             return kind
     return None
+
+
+def inject_fault(name: str, step: int) -> str | None:
+    """Act on LORAPLAN_FAULT before a step (stall, or raise an out-of-memory error);
+    the fault left for the step itself (nan) is returned."""
+    import torch
+
+    fault = _fault(name, step)
+    if fault in ("hang", "pause"):
+        time.sleep(600 if fault == "hang" else 2)
+    if fault == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by LORAPLAN_FAULT)")
+    return fault
 
 
 class PeftEngine:
@@ -113,6 +127,8 @@ class PeftEngine:
         self.pad_multiple = 64 if self.device.type == "cuda" else 1
         if self.settings.quantization and self.device.type != "cuda":
             raise UsageError(f"{self.settings.quantization} quantization needs a CUDA GPU")
+        if self.random_init:
+            torch.manual_seed(self.settings.seed)  # the same random base in every worker of a sweep
         self.base = load_model(self.model_source, dtype=self.settings.dtype, device=str(self.device),
                                trust_remote_code=self.trust_remote_code,
                                quantization=self.settings.quantization, random_init=self.random_init)
@@ -309,11 +325,7 @@ class PeftEngine:
         model.train()
         t0 = time.perf_counter()
         supervised = sum(mb.supervised for mb in micro_batches)
-        fault = _fault(state.name, state.step + 1)
-        if fault == "hang":
-            time.sleep(600)
-        if fault == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by LORAPLAN_FAULT)")
+        fault = inject_fault(state.name, state.step + 1)
         total = 0.0
         for mb in micro_batches:
             ids, labels, mask = mb.tensors(self.device, self.pad_id, self.pad_multiple)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from ..data.batches import MicroBatch
 from ..data.formats import IGNORE_INDEX
-from .engine import PeftEngine, TrialState, _fault, grad_norm_message, record_train_loss
+from .engine import PeftEngine, TrialState, grad_norm_message, inject_fault, record_train_loss
 from .folder import EvalBatches, EvalPoint, TrialResult, TrialStatus
 from .spec import TrainingSettings
 
@@ -344,11 +344,7 @@ class FastEngine(PeftEngine):
         t0 = time.perf_counter()
         if ft.since is None:
             ft.since = t0
-        fault = _fault(state.name, state.step + 1)
-        if fault == "hang":
-            time.sleep(600)
-        if fault == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by LORAPLAN_FAULT)")
+        fault = inject_fault(state.name, state.step + 1)
         count = max(sum(mb.supervised for mb in micro_batches), 1)
         total = None
         for mb in micro_batches:

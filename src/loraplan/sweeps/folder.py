@@ -138,9 +138,11 @@ class TrialPlan:
     settings: dict
     peft_config: dict
     training: dict | None = None
+    placement: str | None = None  # where it runs (TrialResult.placement)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "plan": self.settings, "peft_config": self.peft_config, "training": self.training}
+        return {"name": self.name, "plan": self.settings, "peft_config": self.peft_config, "training": self.training,
+                "placement": self.placement}
 
     @classmethod
     def from_json(cls, data: Any) -> TrialPlan:
@@ -151,7 +153,9 @@ class TrialPlan:
                 raise ValueError(f"has {key!r} of type {type(data[key]).__name__}, not an object")
         if data.get("name") is not None and not isinstance(data["name"], str):
             raise ValueError("has a 'name' that is not a string")
-        return cls(data.get("name"), data.get("plan") or {}, data.get("peft_config") or {}, data.get("training"))
+        placement = data.get("placement")
+        return cls(data.get("name"), data.get("plan") or {}, data.get("peft_config") or {}, data.get("training"),
+                   placement if isinstance(placement, str) else None)
 
 
 _READ = {"read": True}  # a field filled from the trial's other files, never written to result.json
@@ -186,6 +190,7 @@ class TrialResult:
     peak_memory_bytes: int | None = None
     adapter: str | None = None  # the adapter folder, relative to the trial's folder
     engine: str | None = None  # which engine trained it: fast or peft (sweeps/fast_engine.py)
+    placement: str | None = None  # where it ran: host/device and worker (sweeps/executors.py)
     eval_batches: EvalBatches | None = None
     started: str | None = None
     finished: str | None = None
@@ -398,7 +403,8 @@ def read_trial(folder: str | os.PathLike, name: str | None = None, notes: list[s
     elif folder.is_dir() and any(folder.iterdir()):
         status = TrialStatus.UNFINISHED
         message = "no result.json yet: still running, or interrupted (a rerun of the sweep restarts it)"
-    trial = TrialResult(name, status, message, plan=plan, metrics=metrics)
+    trial = TrialResult(name, status, message, plan=plan, metrics=metrics,
+                        placement=plan.placement if plan else None)  # a running trial: where it runs
     settings = plan.settings if plan else {}
     for key, kind in (("targets", str), ("r", int), ("lora_alpha", float), ("use_rslora", bool),
                       ("use_dora", bool), ("loraplus_lr_ratio", float)):
@@ -669,6 +675,7 @@ class TrialWriter:
 
     folder: Path
     name: str
+    placement: str | None = None  # where the trial runs, written into its result
     _metrics: io.TextIOWrapper | None = field(default=None, repr=False)
 
     @property
@@ -680,6 +687,7 @@ class TrialWriter:
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
+        plan.placement = plan.placement or self.placement
         write_json(self.folder / "plan.json", plan.to_json())
         self._metrics = open(self.folder / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
 
@@ -712,6 +720,8 @@ class TrialWriter:
             self._metrics.close()
             self._metrics = None
         result.name, result.finished = self.name, now()
+        result.placement = result.placement or self.placement
+        self.folder.mkdir(parents=True, exist_ok=True)  # a trial whose worker died before it started
         write_json(self.folder / "result.json", result.to_json())
         return result
 
@@ -789,9 +799,18 @@ class SweepFolder:
         self._lock.release()
 
 
+def ran_on(trials: list[TrialResult]) -> str | None:
+    """Where the trials ran, grouped: `node-a/cuda:0 (pid 11): q_r8, mlp_r8; node-a/cuda:1 (pid 12): all_r8`."""
+    places: dict[str, list[str]] = {}
+    for t in trials:
+        if t.placement:
+            places.setdefault(t.placement, []).append(t.name)
+    return "; ".join(f"{where}: {', '.join(names)}" for where, names in places.items()) or None
+
+
 CSV_COLUMNS = ("name", "status", "targets", "r", "lora_alpha", "use_rslora", "use_dora", "loraplus_lr_ratio",
                "trainable_params", "eval_loss", "eval_loss_sem", "train_loss", "steps", "wall_s", "tokens_per_s",
-               "peak_memory_bytes", "message")
+               "peak_memory_bytes", "placement", "message")
 
 
 def results_csv(trials: list[TrialResult]) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..files import write_atomic
 from . import plots
-from .folder import Summary, Sweep, TrialResult, TrialStatus, read_sweep
+from .folder import Summary, Sweep, TrialResult, TrialStatus, ran_on, read_sweep
 from .plots import finite
 from .ranking import compare, summary_for
 
@@ -161,6 +161,7 @@ def _header(sweep: Sweep, training: str | None) -> dict:
         out["environment"] = {
             "text": f"{env.get('device') or '?'} · {env.get('dtype') or '?'}",
             "versions": ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "transformers", "peft") if env.get(k))}
+    out["ran_on"] = ran_on(sweep.trials)
     return out
 
 

@@ -19,7 +19,7 @@ from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
 from ..files import read_json
 from ..plan.count import count_plan, human_bytes, human_count
-from .fast_engine import make_engine
+from .executors import Placement, Work, make_executor, place
 from .folder import (
     LEDGER_FORMAT,
     Summary,
@@ -28,6 +28,7 @@ from .folder import (
     TrialResult,
     TrialStatus,
     now,
+    ran_on,
     spec_hash,
 )
 from .ranking import summarize
@@ -141,17 +142,20 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     trials = expand(spec)
     warnings = alpha_warnings(trials)
     structure, preview = preflight(spec, spec.model, trials)
+    placement = place(spec.executor, len(trials))
     out = Path(out)
     if dry_run:
+        for row, where in zip(preview, placement.plan(preview), strict=True):
+            row.update(where)
         return SweepResult(out, trials, [], None, warnings, dry_run=True, preview=preview)
     with SweepFolder(out) as ledger:
         if out.exists():
             ledger.lock()  # a folder another sweep is using is refused before the data loads
-        return _run(spec, trials, warnings, ledger, probe_data, progress, random_init)
+        return _run(spec, trials, warnings, ledger, probe_data, progress, random_init, placement)
 
 
 def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: SweepFolder, probe_data: dict | None,
-         progress: bool, random_init: bool) -> SweepResult:
+         progress: bool, random_init: bool, placement: Placement) -> SweepResult:
     """Load the data, open the ledger (the lock is held from here to the end) and run what is left."""
     from ..data.load import load_data
     from ..model.loading import load_tokenizer
@@ -160,7 +164,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     d = spec.data
     splits = load_data(d.train, tokenizer, eval=d.eval, fmt=d.format, max_length=d.max_length,
                        eval_fraction=d.eval_fraction, seed=spec.training.seed, max_examples=d.max_examples)
-    canonical = spec.model_dump(mode="json")
+    canonical = spec.model_dump(mode="json", exclude={"executor"})  # where trials run is not what they are
     canonical["data"]["train_fingerprint"] = _fingerprint(d.train)
     canonical["data"]["eval_fingerprint"] = _fingerprint(d.eval)
     environment = package_versions()
@@ -189,25 +193,24 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     eval_set = eval_batches(eval_examples, t.micro_batch_size or t.batch_size)
     bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
     if pending:
-        engine = make_engine(t.engine, spec.model, t, trust_remote_code=spec.trust_remote_code, random_init=random_init)
-        engine.load(tokenizer.pad_token_id)
-        header["environment"]["device"] = engine.device_name()
-        header["environment"]["dtype"] = engine.dtype_name
-        ledger.update_header(environment=header["environment"])
-        training = t.model_dump(mode="json")
+        model = str(Path(spec.model).resolve()) if Path(spec.model).exists() else spec.model
+        work = Work(model, t, t.model_dump(mode="json"), tokenizer.pad_token_id, steps, eval_set,
+                    spec.trust_remote_code, random_init)
+        executor = make_executor(placement, work, bars)
+        jobs = [(trial, ledger.trial(trial.name)) for trial in pending]
         try:
+            executor.start()
+            header["environment"].update(_devices(executor.workers))
+            ledger.update_header(environment=header["environment"],
+                                 executor={"kind": executor.kind, "workers": [w["placement"] for w in executor.workers]})
             if spec.halving.enabled and len(pending) > 1:
-                _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars)
+                _successive_halving(executor, jobs, spec)
             else:
-                for trial in pending:
-                    state = engine.start(trial, ledger.trial(trial.name), training)
-                    bars.trial(trial.name)
-                    engine.advance([state], steps, t.max_steps, eval_set, t.eval_every, bars.step)
-                    bars.done(engine.finish(state))
+                executor.advance(jobs, t.max_steps, final=True)
         finally:
-            engine.close()
+            executor.close()
             bars.close()
-        warnings = warnings + engine.notes  # trials the fast engine handed to PEFT, and why
+        warnings = warnings + executor.notes  # trials the fast engine handed to PEFT, and why
     folder = ledger.read()
     names = {t.name for t in trials}
     results = [r for r in folder.trials if r.name in names]
@@ -255,42 +258,36 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
     return spec.model_copy(update={"trials": base + [trial]})
 
 
-def _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars) -> None:
-    """Successive halving (Jamieson & Talwalkar 2016): every live trial trains to the next rung;
-    the best 1/eta go on, the rest stop as `pruned` with their adapter and curves kept."""
+def _successive_halving(executor, jobs, spec) -> None:
+    """Successive halving (Jamieson & Talwalkar 2016): every live trial trains to the next rung (a
+    barrier, on however many workers); the best 1/eta go on, the rest stop as `pruned` with their
+    adapter and curves kept. A trial that fails is finished where it failed."""
     t, h = spec.training, spec.halving
     rungs = sorted({max(1, math.ceil(t.max_steps / h.eta ** k)) for k in range(h.rungs)})
-    states = []
-    for trial in pending:
-        states.append(engine.start(trial, ledger.trial(trial.name), training))
-    finished: set[str] = set()
-
-    def finish(s, *args):
-        finished.add(s.name)
-        bars.done(engine.finish(s, *args))
-
     for i, rung in enumerate(rungs):
-        live = [s for s in states if s.status is None]
-        for s in live:
-            bars.trial(f"{s.name} (rung {i + 1}/{len(rungs)}: step {rung})")
-            engine.advance([s], steps, rung, eval_set, t.eval_every, bars.step)
-        for s in states:
-            if s.status is not None and s.name not in finished:
-                finish(s)
-        live = sorted((s for s in states if s.status is None), key=_last_eval_loss)
-        if rung == rungs[-1]:
-            for s in live:
-                finish(s)
+        last = rung == rungs[-1]
+        reports = executor.advance(jobs, rung, final=last, label=f"rung {i + 1}/{len(rungs)}: step {rung}")
+        if last:
             break
+        live = sorted((r for r in reports if r.result is None), key=_last_eval_loss)
         keep = max(1, math.ceil(len(live) / h.eta))
-        for s in live[keep:]:
-            finish(s, TrialStatus.PRUNED, f"stopped at step {s.step} by successive halving (eval loss "
-                                          f"{_last_eval_loss(s):.4f}, not in the best {keep} of {len(live)})")
+        for r in live[keep:]:
+            executor.stop(r.name, TrialStatus.PRUNED, f"stopped at step {r.step} by successive halving (eval loss "
+                                                      f"{_last_eval_loss(r):.4f}, not in the best {keep} of {len(live)})")
+        going = {r.name for r in live[:keep]}
+        jobs = [job for job in jobs if job[0].name in going]
 
 
-def _last_eval_loss(state) -> float:
-    ev = state.last_eval
-    return ev.eval_loss if ev is not None and ev.eval_loss is not None else math.inf
+def _last_eval_loss(report) -> float:
+    return report.eval_loss if report.eval_loss is not None else math.inf
+
+
+def _devices(workers: list[dict]) -> dict:
+    """sweep.json's device and dtype: the one device, or `2 × NVIDIA H200` for a pool of workers."""
+    names = list(dict.fromkeys(w["device"] for w in workers))
+    device = names[0] if len(workers) == 1 else (f"{len(workers)} × {names[0]}" if len(names) == 1
+                                                 else ", ".join(w["device"] for w in workers))
+    return {"device": device, "dtype": workers[0]["dtype"]}
 
 
 def write_outputs(ledger: SweepFolder, folder: Sweep, results: list[TrialResult], summary: Summary) -> None:
@@ -337,6 +334,8 @@ def summary_markdown(sweep: Sweep, results: list[TrialResult], summary: Summary)
     training = sweep.spec.get("training", {})
     lines.append(f"Training per trial: {training.get('max_steps')} steps × batch {training.get('batch_size')}, "
                  f"lr {training.get('learning_rate')}, {training.get('scheduler')} schedule, seed {training.get('seed')}.")
+    if ran_on(results):
+        lines.append(f"Ran on: {ran_on(results)}.")
     lines += ["", "| " + " | ".join(RESULT_HEADERS) + " |", "|" + "---|" * len(RESULT_HEADERS)]
     for row in result_rows(results, summary):
         lines.append("| " + " | ".join(str(c) for c in row) + " |")

@@ -155,6 +155,35 @@ class HalvingSpec(_Strict):
     rungs: int = Field(3, ge=2, description="evaluation points, the last at max_steps")
 
 
+class ExecutorSettings(_Strict):
+    """Where the trials run (sweeps/executors.py). Not part of the spec's identity: a sweep started on
+    one executor resumes on another."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: one worker process per GPU of this machine (in this process when there is "
+                             "one GPU or none); ray: Ray actors on a cluster, the folder on storage they share")
+    gpus: str | None = Field(None, description="local: the GPUs to use, e.g. 0,1 (one worker process each), or "
+                                               "cpu:N for N CPU worker processes; null: every visible GPU")
+    ray_address: str | None = Field(None, description="ray: the cluster to join (host:port or ray://host:port); "
+                                                      "null: RAY_ADDRESS, else a local Ray started for the sweep")
+    gpus_per_trial: float = Field(1.0, gt=0, description="ray: GPUs each worker reserves (0.5: two share a GPU); "
+                                                         "on a cluster without GPUs, none")
+    workers: int | None = Field(None, gt=0, description="ray: at most this many workers; null: as many as the "
+                                                        "cluster's GPUs (or CPUs) allow, one per trial at most")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_list(cls, value):
+        if value is None:
+            return value
+        text = (",".join(map(str, value)) if isinstance(value, list) else str(value)).replace(" ", "")
+        if re.fullmatch(r"cpu:[1-9]\d*", text) or re.fullmatch(r"\d+(,\d+)*", text):
+            if "," in text and len(set(text.split(","))) != len(text.split(",")):
+                raise ValueError(f"'{value}' names a GPU twice")
+            return text
+        raise ValueError(f"'{value}' is not a list of GPU indices such as 0,1 or cpu:N")
+
+
 class SweepSpec(_Strict):
     model: str | None = Field(None, description="a model folder or Hub id (or MODEL on the command line)")
     data: DataSettings = Field(DataSettings(), description="the data")
@@ -163,6 +192,7 @@ class SweepSpec(_Strict):
                                                     "six configs")
     trials: list[TrialSpec] | None = Field(None, description="explicit configs, added to the grid")
     halving: HalvingSpec = Field(HalvingSpec(), description="successive halving")
+    executor: ExecutorSettings = Field(ExecutorSettings(), description="where the trials run")
     trust_remote_code: bool = Field(False, description="allow the model's own code (off by default: read the "
                                                        "code first)")
 
@@ -233,7 +263,7 @@ def reference() -> str:
     lines = []
     sections = [("", SweepSpec)] + [(name, kind) for name, kind in (
         ("data", DataSettings), ("training", TrainingSettings), ("grid", GridSpec), ("trials[]", TrialSpec),
-        ("halving", HalvingSpec))]
+        ("halving", HalvingSpec), ("executor", ExecutorSettings))]
     for prefix, schema in sections:
         lines += ["", f"### `{prefix}`" if prefix else "### top level", "", "| key | default | meaning |",
                   "|---|---|---|"]
