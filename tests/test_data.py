@@ -14,15 +14,9 @@ from pathlib import Path
 import pytest
 from tiny import make_tokenizer
 
-from loraplan.data.load import (
-    FORMATS,
-    DataSplits,
-    detect_format,
-    hold_out,
-    load_data,
-    read_records,
-    tokenize_records,
-)
+from loraplan.data.formats import FORMATS, detect_format, tokenize_records
+from loraplan.data.load import DataSplits, hold_out, load_data
+from loraplan.data.records import read_records
 from loraplan.errors import UsageError
 
 IGNORE = -100

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loraplan.cli import main
-from loraplan.probing.probe import DAMPING, _Whitener, probe
+from loraplan.probing.probe import probe
+from loraplan.probing.whitening import DAMPING, _Whitener
 from loraplan.sweeps.planted import PlantedSpec, make_planted_task
 
 
@@ -102,6 +103,28 @@ def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys, monkeypatch)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
 
 
+def test_python_callers_get_expandable_segments_before_cuda_starts(monkeypatch):
+    """probe() sets the allocator setting `loraplan probe` relies on, unless the user set one (either
+    name) or CUDA already started in the process (too late: nothing is set, nothing is said)."""
+    import os
+
+    from loraplan.probing.probe import _expandable_segments
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "x")  # recorded, so that the test leaves the environment as it found it
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    _expandable_segments()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
+    _expandable_segments()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    _expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
 def _loaded(task):
     """The task's base model (fp32, CPU), structure, probed modules, 4 batches of 16 and the pad id."""
     from loraplan.data.batches import training_steps
@@ -121,12 +144,9 @@ def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_un
     """One pass for all layers, one pass per layer (what a small memory budget forces), or layers
     recomputed in the backward pass (all or some): the same per-module signal; q/k/v (and gate/up) share
     one input factor, counted once per token."""
-    from loraplan.probing.probe import (
-        _checkpointed,
-        _SharedInputs,
-        _Stats,
-        probe_batches,
-    )
+    from loraplan.probing.passes import _checkpointed
+    from loraplan.probing.probe import probe_batches
+    from loraplan.probing.statistics import _SharedInputs, _Stats
 
     model, structure, modules, batches, pad = _loaded(mlp_task)
     together = probe_batches(model, structure, modules, batches, pad, memory_budget=1 << 40)
@@ -205,7 +225,7 @@ def test_running_out_of_memory_probes_again_leaner_and_keeps_finished_passes(mlp
 def test_warm_up_runs_the_whitening_and_spectra(monkeypatch, half):
     """The first-call warm-up goes through the real whitening and spectra (both whitening paths, Ritz
     spectra), so a change there cannot leave it silently doing nothing."""
-    from loraplan.probing import probe as probing
+    from loraplan.probing import passes as probing
 
     seen = []
     real = probing._finish
@@ -225,6 +245,7 @@ def test_solved_and_inverted_whitening_agree_on_a_wide_mlp(monkeypatch, tmp_path
     from loraplan.data.batches import MicroBatch
     from loraplan.model.loading import load_structure
     from loraplan.probing import probe as probing
+    from loraplan.probing import whitening
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=256, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
@@ -236,13 +257,13 @@ def test_solved_and_inverted_whitening_agree_on_a_wide_mlp(monkeypatch, tmp_path
     rows = torch.randint(0, 128, (16, 4, 24)).tolist()
     batches = [MicroBatch(b, b) for b in rows]
     solved = probing.probe_batches(net, structure, modules, batches, pad_id=0)
-    built, paths = probing._Whitener.__init__, []
+    built, paths = whitening._Whitener.__init__, []
 
     def inverted(self, factor, n, columns=0, boost=1.0, half=False):
         paths.append(3 * columns < factor.width)
         built(self, factor, n, 1 << 30, boost, half)
 
-    monkeypatch.setattr(probing._Whitener, "__init__", inverted)
+    monkeypatch.setattr(whitening._Whitener, "__init__", inverted)
     everywhere = probing.probe_batches(net, structure, modules, batches, pad_id=0)
     assert sum(paths) == 3  # gate's and up's outputs, down's input
     for a, b in zip(solved.modules, everywhere.modules, strict=True):
@@ -252,7 +273,7 @@ def test_solved_and_inverted_whitening_agree_on_a_wide_mlp(monkeypatch, tmp_path
 def test_padding_is_left_out_of_the_factors():
     """A right-padded batch adds only its real tokens' rows to the input and output factors."""
     from loraplan.data.batches import MicroBatch
-    from loraplan.probing.probe import _SharedInputs, _Stats
+    from loraplan.probing.statistics import _SharedInputs, _Stats
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 4)
@@ -274,7 +295,7 @@ def test_padding_is_left_out_of_the_factors():
 def test_triangular_inverse_by_blocks(n):
     """Every split: one block, blocks of 1, widths that need padding (13 = 4 × 4 - 3), powers of two;
     also a column-major L (what cholesky returns on some devices), and merges in fp32."""
-    from loraplan.probing.probe import _lower_inverse
+    from loraplan.probing.whitening import _lower_inverse
 
     torch.manual_seed(0)
     lower = torch.randn(n, n, dtype=torch.float64).tril() + 4 * torch.eye(n, dtype=torch.float64)
@@ -288,7 +309,7 @@ def test_triangular_inverse_by_blocks(n):
 
 
 def test_memory_plan_checkpoints_as_few_layers_as_fit():
-    from loraplan.probing.probe import _choose
+    from loraplan.probing.memory_plan import _choose
 
     gib = 1 << 30
     # 60 GiB usable, 40 GiB of statistics, 3 GiB of whitening temporaries (after the passes);
@@ -307,7 +328,7 @@ def test_passes_hold_the_activations_or_the_whitening_not_both():
     whitening's temporaries: the usable memory must hold the larger of the two, not their sum."""
     from types import SimpleNamespace
 
-    from loraplan.probing.probe import _layer_bytes, _passes, _whitening_bytes
+    from loraplan.probing.memory_plan import _layer_bytes, _passes, _whitening_bytes
 
     modules = [SimpleNamespace(name=f"l{i}.{r}", role=r, layer=i, in_features=64, out_features=64)
                for i in range(4) for r in ("q", "o")]
@@ -323,7 +344,7 @@ def test_half_precision_cross_gram_adds_noise_not_bias():
     """Folds summed in bf16 get their cross product from bf16 roundings of the whitened folds: each
     fold's rounding is independent of the other's, so ⟨M₁, M₂⟩ = tr C moves by a small fraction of
     the estimator's own noise, and the spectrum's 90% rank and noise floor stay put."""
-    from loraplan.probing.probe import _cross, _ranks
+    from loraplan.probing.spectra import _cross, _ranks
 
     torch.manual_seed(0)
     rows, cols, planted = 700, 300, 12
@@ -346,7 +367,7 @@ def test_half_precision_whitening_moves_the_metric_not_the_noise():
     15%); the products' roundings are each fold's own, so pure noise stays unbiased."""
     from types import SimpleNamespace
 
-    from loraplan.probing.probe import _ranks, _signal
+    from loraplan.probing.spectra import _ranks, _signal
 
     torch.manual_seed(0)
     out, inp, n = 192, 256, 4000
@@ -387,7 +408,7 @@ def test_half_precision_whitening_moves_the_metric_not_the_noise():
 
 def test_wide_factors_keep_their_diagonal(monkeypatch):
     """Wider than DENSE_MAX: the factor is Σ x² per channel, summed in fp32 (also from bf16 inputs)."""
-    import loraplan.probing.probe as probing
+    import loraplan.probing.statistics as probing
 
     monkeypatch.setattr(probing, "DENSE_MAX", 8)
     x = torch.randn(3, 5, 12)
@@ -406,7 +427,7 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
     one and the noise floor (the most negative eigenvalue) within 5%, also when C has far fewer
     directions than the space has columns. A plain Gaussian compression ΩᵀCΩ (64 columns) reads the
     40-direction case as about 60% of its rank."""
-    from loraplan.probing.probe import (
+    from loraplan.probing.spectra import (
         EXACT_MAX,
         _cross,
         _Eigenvalues,
@@ -445,7 +466,7 @@ def test_wide_spectra_match_the_exact_cross_gram(planted, noise):
 
 
 def test_ranks_take_the_noise_floor_off_each_spectrum():
-    from loraplan.probing.probe import ENERGY, _ranks
+    from loraplan.probing.spectra import ENERGY, _ranks
 
     assert ENERGY == 0.9
     values = torch.tensor([[3.0, 1.0, -0.5], [5.0, 1.0, -2.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
@@ -459,7 +480,7 @@ def test_ranks_take_the_noise_floor_off_each_spectrum():
 def test_factors_are_kept_in_half_their_space(width):
     """A dense factor is packed in n(n + 1)/2 entries (n/2 more for an odd n) and unpacks to Σ xxᵀ,
     symmetric, whatever the batches' dtypes; the memory plan counts the packed size."""
-    import loraplan.probing.probe as probing
+    import loraplan.probing.statistics as probing
 
     torch.manual_seed(0)
     moment, expected = probing._Moment(), torch.zeros(width, width, dtype=torch.float64)

@@ -30,7 +30,7 @@ SHAPES = {"llama-1b": "builtin:llama-3.2-1b", "llama-8b": "builtin:llama-3.1-8b"
 def synthetic_batches(count: int = 8) -> list:
     """`count` micro-batches of 8 sequences of 64–512 random tokens (the sweep benchmark's kind), seeded."""
     from loraplan.data.batches import training_steps
-    from loraplan.data.load import TokenizedExample
+    from loraplan.data.formats import TokenizedExample
 
     rng = random.Random(1)
     examples = []
@@ -41,11 +41,12 @@ def synthetic_batches(count: int = 8) -> list:
 
 
 def main() -> None:
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `loraplan probe` sets it
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `probe()` sets it
     import torch
 
     from loraplan.model.loading import load_model, load_structure
-    from loraplan.probing.probe import _candidates, _WarmUp, probe_batches
+    from loraplan.probing.passes import _WarmUp
+    from loraplan.probing.probe import _candidates, probe_batches
     from loraplan.sweeps.runner import package_versions
 
     p = argparse.ArgumentParser()

@@ -28,6 +28,7 @@ from cost import SHAPES, synthetic_batches  # noqa: E402  (the same shapes and b
 def main() -> None:
     import torch
 
+    import loraplan.probing.passes as passes_module
     import loraplan.probing.probe as probing
     from loraplan.model.loading import load_model, load_structure
 
@@ -52,8 +53,8 @@ def main() -> None:
 
     marks: dict[str, float] = {}
 
-    def timed(name):
-        fn = getattr(probing, name)
+    def timed(module, name):
+        fn = getattr(module, name)
 
         def wrapper(*a, **k):
             torch.cuda.synchronize()
@@ -62,11 +63,11 @@ def main() -> None:
             torch.cuda.synchronize()
             marks[name] = marks.get(name, 0.0) + time.perf_counter() - t
             return out
-        setattr(probing, name, wrapper)
+        setattr(module, name, wrapper)
 
-    timed("_memory_plan")
-    timed("_finish")
-    passes, factorizer = probing._probe_layers, probing._Factorizer.__init__
+    timed(probing, "_memory_plan")
+    timed(passes_module, "_finish")
+    passes, factorizer = probing._probe_layers, passes_module._Factorizer.__init__
 
     def probe_layers(*a, **k):
         torch.cuda.synchronize()
@@ -77,7 +78,7 @@ def main() -> None:
         torch.cuda.synchronize()
         marks["whitening_start"] = time.perf_counter()
         factorizer(self, *args)
-    probing._probe_layers, probing._Factorizer.__init__ = probe_layers, whitening_start
+    probing._probe_layers, passes_module._Factorizer.__init__ = probe_layers, whitening_start
     t0 = time.perf_counter()
     run()
     end = time.perf_counter()

@@ -226,7 +226,7 @@ def train_tokenizer(work: Path, vocab: int) -> dict:
     trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=[BOS, EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer, length=len(texts))
-    # BOS in front of every text, as Llama's tokenizer does; loraplan.data.load finds it by asking the tokenizer
+    # BOS in front of every text, as Llama's tokenizer does; loraplan.data.formats finds it by asking the tokenizer
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, tok.token_to_id(BOS))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,

@@ -28,7 +28,8 @@ def main() -> None:
     from loraplan.autograd.lm_loss import lean_causal_lm_loss
     from loraplan.autograd.saved_tensors import lean_saved_tensors
     from loraplan.model.loading import load_model, load_structure
-    from loraplan.probing.probe import _attention_kernels, _candidates
+    from loraplan.probing.passes import _attention_kernels
+    from loraplan.probing.probe import _candidates
     from loraplan.sweeps.runner import package_versions
 
     p = argparse.ArgumentParser()

@@ -66,7 +66,7 @@ def main() -> None:
     def data(n, seed):
         """The seed script's data(): the same RNG calls, so the same token sequences."""
         rng = random.Random(seed)
-        from loraplan.data.load import TokenizedExample
+        from loraplan.data.formats import TokenizedExample
 
         items = []
         for _ in range(n):

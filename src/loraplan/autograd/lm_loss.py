@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 
-from ..data.load import IGNORE_INDEX
+from ..data.formats import IGNORE_INDEX
 
 CHUNK_BYTES = 128 << 20  # the fp32 rows of one chunk (twice that at its peak: the log-sum-exp's temporary)
 

@@ -15,7 +15,7 @@ need it, and freed with the last. The gradients are bitwise the same: each recom
 operation on the same tensors. A layer that gradient checkpointing recomputes saves nothing here
 (its own hooks are innermost), so it is unaffected.
 
-Used by the probe (probing/probe.py), whose passes run forward and backward over long batches while its
+Used by the probe (probing/passes.py), whose passes run forward and backward over long batches while its
 statistics take most of the memory. Measured on the H100 (benchmarks/probe/saved_tensors.py), 8
 batches' forward and backward above the weights, one fold's gradients included: Llama-3.1-8B 34.69
 -> 27.34 GiB, 3% slower; Llama-3.2-1B 9.15 -> 7.11 GiB, 23% slower (0.13 s: its short passes leave

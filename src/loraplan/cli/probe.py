@@ -35,12 +35,6 @@ def register(parser):
 
 
 def run(args) -> int:
-    import os
-
-    # before CUDA starts (read then): the allocator grows segments instead of cutting new ones, so its
-    # cache does not fragment. Measured on the H100 (8B): batches that ran out of memory with 4.45 GiB
-    # cached in unusable pieces fit with it, at the same speed. A user's own setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from ..plan.memory import parse_size
     from ..probing.probe import probe
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .load import IGNORE_INDEX as IGNORE
+from .formats import IGNORE_INDEX as IGNORE
 
 
 @dataclass(frozen=True)
