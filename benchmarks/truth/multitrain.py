@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from loraplan.data.batches import eval_batches, training_steps
-from loraplan.data.load import IGNORE_INDEX, load_data
+from loraplan.data.formats import IGNORE_INDEX
+from loraplan.data.load import load_data
 from loraplan.model.loading import load_model, load_structure, load_tokenizer
 from loraplan.model.targets import resolve_targets
 

@@ -324,7 +324,7 @@ def _tokenized(rows: list[dict], tokenizer, spec: PlantedSpec):
     the attention mask."""
     import torch
 
-    from ..data.load import IGNORE_INDEX, tokenize_records
+    from ..data.formats import IGNORE_INDEX, tokenize_records
 
     examples, _ = tokenize_records([(f"eval.jsonl:{i + 1}", row) for i, row in enumerate(rows)], tokenizer, "auto",
                                    max_length=4 * spec.seq_len + 8)
