@@ -42,6 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tag", required=True)
     p.add_argument("--case", required=True)
+    p.add_argument("--config", default=None, help="the joint fit (default: the first all-linear config)")
     args = p.parse_args()
     data = json.loads((HERE / "results" / args.tag / f"{args.case}.json").read_text())
     configs = data["configs"]
@@ -53,7 +54,8 @@ def main() -> None:
     print(f"{args.case}: planted {planted['roles']} r{planted['rank']}; base {data['base_eval_loss']:.4f} "
           f"ideal {data['ideal_eval_loss']:.4f}")
     record = {}
-    joint = next(i for i, c in enumerate(configs) if c["targets"] == "all-linear")
+    joint = next(i for i, c in enumerate(configs) if c["targets"] == "all-linear"
+                 and (args.config is None or c["name"] == args.config))
     solo = {c["targets"]: i for i, c in enumerate(configs) if c["targets"] in ROLES}
     base_loss, base_batches = ev({})
     for snap in sorted((SNAP / args.tag / args.case).glob("step*.safetensors"), key=lambda p: int(p.stem[4:])):
@@ -90,7 +92,8 @@ def main() -> None:
         order = sorted((r for r in rows if rows[r]["solo"] is not None), key=lambda r: rows[r]["solo"])
         print("  solo fit loss   : " + ", ".join(f"{r} {rows[r]['solo']:.4f}" for r in order))
         print("  rank (trunc/90%): " + ", ".join(f"{r} {rows[r]['trunc_rank']}/{rows[r]['energy_rank']}" for r in rows))
-    (HERE / "results" / args.tag / f"{args.case}.probe.json").write_text(json.dumps(record))
+    name = configs[joint]["name"]
+    (HERE / "results" / args.tag / f"{args.case}.probe.{name}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

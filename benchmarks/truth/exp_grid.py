@@ -44,14 +44,17 @@ def configs_for(targets: list[str], ranks: list[int], lrs: list[float], alphas: 
     out, seen = [], set()
     for t in targets:
         for a in alphas:
+            rslora = a.endswith("rs")  # "16rs": alpha 16 with rsLoRA's alpha/sqrt(r)
+            policy = a[:-2] if rslora else a
             for r in ranks:
-                alpha = r * float(a[:-1] or 1) if a.endswith("r") else float(a)
+                alpha = r * float(policy[:-1] or 1) if policy.endswith("r") else float(policy)
                 for lr in lrs:
-                    key = (t, r, alpha / r, lr)
+                    config = Config(f"{t.replace(',', '+')}_r{r}_a{a}_lr{lr:g}", t, r, alpha, lr, rslora=rslora)
+                    key = (t, r, config.scale, lr)
                     if key in seen:
                         continue
                     seen.add(key)
-                    out.append(Config(f"{t.replace(',', '+')}_r{r}_a{a}_lr{lr:g}", t, r, alpha, lr))
+                    out.append(config)
     return out
 
 

@@ -38,6 +38,11 @@ class Config:
     alpha: float  # lora_alpha; scale = alpha / r
     lr: float
     dropout: float = 0.05
+    rslora: bool = False  # scale alpha / sqrt(r)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
 class MultiLora(torch.nn.Module):
@@ -103,7 +108,7 @@ class Grid:
                 for i, c in enumerate(configs):
                     if name in self.targeted[c.name]:
                         w.A[i, : c.r] = init[: c.r]
-                        w.scale[i] = c.alpha / c.r
+                        w.scale[i] = c.scale
                     w.dropout[i] = c.dropout
         self.params = [p for _, w in self.modules.values() for p in (w.A, w.B)]
         self.m = [torch.zeros_like(p) for p in self.params]
