@@ -8,7 +8,9 @@ import math
 
 import pytest
 import torch
-from tiny import make_model, save_tiny_model
+from support.adapters import peft_deltas, save_adapter
+from support.cli import one_line_error, run_cli
+from support.tiny import make_model, save_tiny_model
 
 from loraplan.adapter.analyze import (
     analyze,
@@ -20,61 +22,6 @@ from loraplan.adapter.analyze import (
     subspace_similarity,
 )
 from loraplan.adapter.folder import read_adapter
-from loraplan.cli import main
-
-
-def save_adapter(folder, family="llama", r=8, planted=None, seed=0, scale_by=None, decay=None, **config):
-    """Save a PEFT adapter of `family` whose ΔW per weight has rank `planted` (None: full rank r).
-
-    `scale_by` maps a name fragment to a factor on B (to make some modules barely move); `decay`
-    makes B's columns orthogonal with norms decay**i (a spectrum falling geometrically).
-    Returns the PeftModel (the oracle for ΔW)."""
-    from peft import LoraConfig, get_peft_model
-
-    config.setdefault("target_modules", "all-linear")
-    model = make_model(family)
-    peft_model = get_peft_model(model, LoraConfig(r=r, **config))
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name or "lora_embedding_B" in name:
-            k = p.shape[1] if planted is None else planted
-            rows = p.shape[0]
-            value = torch.randn(rows, k, generator=gen) @ torch.randn(k, p.shape[1], generator=gen) * 0.05
-            if decay is not None:
-                basis = torch.linalg.qr(torch.randn(rows, p.shape[1], generator=gen))[0]
-                value = basis * (0.3 * decay ** torch.arange(p.shape[1]))
-            for fragment, factor in (scale_by or {}).items():
-                if fragment in name:
-                    value = value * factor
-            p.data = value.to(p.dtype)
-        elif "lora_magnitude_vector" in name:
-            p.data = p.data * 1.1
-    peft_model.save_pretrained(str(folder))
-    return peft_model
-
-
-def peft_deltas(peft_model) -> dict:
-    """{PEFT key: ΔW per expert (E, out, in) or (1, …)} from PEFT's own get_delta_weight."""
-    from peft.tuners.lora import LoraLayer
-
-    out = {}
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or "default" not in module.r:
-            continue
-        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        if getattr(module, "parameter_name", None):
-            key = f"{key}.{module.parameter_name}"
-        delta = module.get_delta_weight("default").detach().double()
-        out[key] = delta if delta.ndim == 3 else delta.unsqueeze(0)
-    return out
-
-
-def run_cli(argv, capsys):
-    capsys.readouterr()  # drop what building the fixtures printed
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 # -- numerics -----------------------------------------------------------------------------------
 
@@ -307,69 +254,59 @@ def test_trial_folder_is_read_through_its_adapter(tmp_path, capsys):
     assert code == 0 and json.loads(out)["adapter"].endswith("adapter")
 
 
-def _one_line_error(capsys, argv, *words):
-    code, out, err = run_cli(argv, capsys)
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
-
-
 def test_bad_adapter_folders_are_one_line_errors(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     save_adapter(tmp_path / "good", r=4, target_modules=["q_proj"])
     good = tmp_path / "good"
-    _one_line_error(capsys, ["analyze", str(tmp_path / "missing")], "no such folder")
+    one_line_error(capsys, ["analyze", str(tmp_path / "missing")], "no such folder")
     (tmp_path / "empty").mkdir()
-    _one_line_error(capsys, ["analyze", str(tmp_path / "empty")], "no adapter_config.json")
+    one_line_error(capsys, ["analyze", str(tmp_path / "empty")], "no adapter_config.json")
     save_tiny_model(tmp_path / "model", "llama")
-    _one_line_error(capsys, ["analyze", str(tmp_path / "model")], "holds a model")
+    one_line_error(capsys, ["analyze", str(tmp_path / "model")], "holds a model")
 
     pickle_only = tmp_path / "pickle"
     pickle_only.mkdir()
     (pickle_only / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     (pickle_only / "adapter_model.bin").write_bytes(b"\x80\x04not really")
-    _one_line_error(capsys, ["analyze", str(pickle_only)], "safetensors only", "save_file")
+    one_line_error(capsys, ["analyze", str(pickle_only)], "safetensors only", "save_file")
 
     truncated = tmp_path / "truncated"
     truncated.mkdir()
     (truncated / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     data = (good / "adapter_model.safetensors").read_bytes()
     (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
-    _one_line_error(capsys, ["analyze", str(truncated)], "not a readable safetensors file")
+    one_line_error(capsys, ["analyze", str(truncated)], "not a readable safetensors file")
 
     broken = tmp_path / "broken_json"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{\"r\": 4,")
     (broken / "adapter_model.safetensors").write_bytes(data)
-    _one_line_error(capsys, ["analyze", str(broken)], "not valid JSON")
+    one_line_error(capsys, ["analyze", str(broken)], "not valid JSON")
 
     no_b = tmp_path / "no_b"
     no_b.mkdir()
     (no_b / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     tensors = {k: v for k, v in load_file(str(good / "adapter_model.safetensors")).items() if "lora_B" not in k}
     save_file(tensors, str(no_b / "adapter_model.safetensors"))
-    _one_line_error(capsys, ["analyze", str(no_b)], "incomplete adapter", "no lora_B")
+    one_line_error(capsys, ["analyze", str(no_b)], "incomplete adapter", "no lora_B")
 
     wrong_r = tmp_path / "wrong_r"
     wrong_r.mkdir()
     config = json.loads((good / "adapter_config.json").read_text())
     (wrong_r / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
     (wrong_r / "adapter_model.safetensors").write_bytes(data)
-    _one_line_error(capsys, ["analyze", str(wrong_r)], "rank 16", "4 rows")
+    one_line_error(capsys, ["analyze", str(wrong_r)], "rank 16", "4 rows")
 
     ia3 = tmp_path / "ia3"
     ia3.mkdir()
     (ia3 / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     (ia3 / "adapter_model.safetensors").write_bytes(data)
-    _one_line_error(capsys, ["analyze", str(ia3)], "IA3 adapter")
+    one_line_error(capsys, ["analyze", str(ia3)], "IA3 adapter")
 
 
-def test_base_that_does_not_fit_is_one_line_error(tmp_path, capsys):
+def test_base_that_does_not_fit_isone_line_error(tmp_path, capsys):
     save_adapter(tmp_path / "a", r=4, target_modules=["q_proj", "down_proj"])
     save_tiny_model(tmp_path / "gpt2", "gpt2")
-    _one_line_error(capsys, ["analyze", str(tmp_path / "a"), "--base", str(tmp_path / "gpt2")],
+    one_line_error(capsys, ["analyze", str(tmp_path / "a"), "--base", str(tmp_path / "gpt2")],
                     "model.layers.0.mlp.down_proj", "GPT2LMHeadModel")

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from test_analyze import _one_line_error, peft_deltas, run_cli, save_adapter
-from tiny import make_model, make_tokenizer
+from support.adapters import peft_deltas, save_adapter
+from support.cli import one_line_error, run_cli
+from support.tiny import make_model, make_tokenizer
 
 from loraplan.adapter.compress import compress
 from loraplan.adapter.folder import read_adapter
@@ -148,15 +149,15 @@ def test_cli_writes_an_adapter_with_its_tokenizer(tmp_path, capsys):
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     save_adapter(tmp_path / "a", r=4, target_modules=["q_proj"])
     a = str(tmp_path / "a")
-    _one_line_error(capsys, ["compress", a, "--out", str(tmp_path / "x")], "--rank")
-    _one_line_error(capsys, ["compress", a, "--rank", "2", "--energy", "0.9", "--out", str(tmp_path / "x")],
+    one_line_error(capsys, ["compress", a, "--out", str(tmp_path / "x")], "--rank")
+    one_line_error(capsys, ["compress", a, "--rank", "2", "--energy", "0.9", "--out", str(tmp_path / "x")],
                     "not allowed with")
-    _one_line_error(capsys, ["compress", a, "--energy", "90", "--out", str(tmp_path / "x")], "(0, 1]")
-    _one_line_error(capsys, ["compress", a, "--rank", "0", "--out", str(tmp_path / "x")], "positive integer")
-    _one_line_error(capsys, ["compress", a, "--rank", "2", "--out", a], "input")
+    one_line_error(capsys, ["compress", a, "--energy", "90", "--out", str(tmp_path / "x")], "(0, 1]")
+    one_line_error(capsys, ["compress", a, "--rank", "0", "--out", str(tmp_path / "x")], "positive integer")
+    one_line_error(capsys, ["compress", a, "--rank", "2", "--out", a], "input")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    _one_line_error(capsys, ["compress", a, "--rank", "2", "--out", str(tmp_path / "busy")], "not empty")
-    _one_line_error(capsys, ["compress", a, "--rank", "2", "--out", str(tmp_path / "busy"), "--overwrite"],
+    one_line_error(capsys, ["compress", a, "--rank", "2", "--out", str(tmp_path / "busy")], "not empty")
+    one_line_error(capsys, ["compress", a, "--rank", "2", "--out", str(tmp_path / "busy"), "--overwrite"],
                     "not overwriting")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"

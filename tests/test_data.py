@@ -1,5 +1,5 @@
 """Training data: every format from every file type, exact loss masks, truncation, splits, and errors
-that name the file and line. The tokenizer is tests/tiny.py's character-level one (one token per
+that name the file and line. The tokenizer is tests/support/tiny.py's character-level one (one token per
 character, `</s>` = EOS), so the expected masks can be written down by hand."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tiny import make_tokenizer
+from support.tiny import make_tokenizer
 
 from loraplan.data.formats import FORMATS, detect_format, tokenize_records
 from loraplan.data.load import DataSplits, hold_out, load_data
@@ -465,7 +465,7 @@ def test_dataset_folders_and_the_hub(tmp_path, tok, monkeypatch):
 
 def test_with_a_tokenizer_saved_and_loaded_back(tmp_path):
     """The tokenizer as the sweep gets it (sources.load_tokenizer on a model folder) keeps its template."""
-    from tiny import write_config
+    from support.tiny import write_config
 
     from loraplan.model.loading import load_tokenizer
 

@@ -121,3 +121,16 @@ def test_the_checker_sees_a_violation(tmp_path):
     (tmp_path / "x.py").write_text("from .y import f\nfrom ..model import targets\n")
     found = _imports("loraplan.plan.x", tmp_path / "x.py", {"loraplan.model.targets"})
     assert found == {"loraplan.plan.y", "loraplan.model.targets"}
+
+
+def test_test_modules_do_not_import_each_other():
+    """Shared test helpers live in tests/support (exposed by conftest), never in a test module."""
+    tests = Path(__file__).resolve().parent
+    local = {p.stem for p in tests.glob("*.py")} | {p.name for p in tests.iterdir() if p.is_dir()}
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in local or top == "support", f"{path.name} imports {name}"

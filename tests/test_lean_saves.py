@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import FAMILIES, make_model
+from support.tiny import FAMILIES, make_model
 
 import loraplan.autograd.saved_tensors as lean_saves
 from loraplan.autograd.saved_tensors import lean_saved_tensors

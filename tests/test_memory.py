@@ -181,7 +181,22 @@ TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_atte
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
 
 
-def _tiny_peft(plan: LoraPlan, dtype: str = "bf16"):
+# Tiny MoE layouts of transformers 5 (fused 3-D experts, grouped_mm): Qwen3-MoE casts the routing
+# weights back to bf16, Mixtral keeps them fp32.
+TINY_QWEN_MOE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_experts=8,
+                     num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, vocab_size=256, norm_topk_prob=True, max_position_embeddings=256)
+TINY_MIXTRAL = dict(hidden_size=64, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                    max_position_embeddings=256)
+# Wide experts and a small vocabulary: the MoE block's backward, not the loss, holds the peak.
+WIDE_EXPERTS = dict(vocab_size=32, intermediate_size=384, moe_intermediate_size=384)
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM", TINY),
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", TINY_QWEN_MOE),
+            "mixtral": ("MixtralConfig", "MixtralForCausalLM", TINY_MIXTRAL)}
+
+
+def _tiny_peft(plan: LoraPlan, dtype: str = "bf16", family: str = "llama", **config_changes):
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -190,10 +205,11 @@ def _tiny_peft(plan: LoraPlan, dtype: str = "bf16"):
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**TINY)
-    model = transformers.LlamaForCausalLM._from_config(
+    config_cls, model_cls, base = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**base, **config_changes})
+    model = getattr(transformers, model_cls)._from_config(
         config, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], attn_implementation="sdpa")
-    structure = read_structure(model, source="tiny-llama")
+    structure = read_structure(model, source=f"tiny-{family}")
     model = get_peft_model(model, LoraConfig(**plan.to_peft_kwargs(structure)))
     model.train()
     return model, structure
@@ -291,7 +307,7 @@ def _peak_of_steps(model, batch: int, seq: int, steps: int = 2) -> int:
     known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     with Tracker(known) as tracker:
         for _ in range(steps):
-            ids = torch.randint(0, TINY["vocab_size"], (batch, seq))
+            ids = torch.randint(0, model.config.vocab_size, (batch, seq))
             labels = ids.clone()
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
@@ -318,6 +334,110 @@ def test_peak_of_a_training_step(targets, extra, ckpt, tolerance):
     loaded = ("base weights", "LoRA weights", "cuBLAS workspaces")  # allocated before the steps, or CUDA-only
     predicted = estimate.total_bytes - sum(t.bytes for t in estimate.terms if t.name in loaded)
     assert math.isclose(predicted, measured, rel_tol=tolerance), (predicted, measured, estimate.peak_phase)
+
+
+# PEFT's `all-linear` on these MoE models: attention, the router and the fused experts, gate_up at 2r
+# (peft/utils/transformers_weight_conversion.py); spelled out so the plan is the same on any loraplan
+MOE_ALL_LINEAR = dict(targets="attention,experts,router", rank_pattern={"gate_up_proj": 8})
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("targets, extra", [
+    ("attention", {}),  # frozen experts: the routed activations and the router's softmax
+    ("experts", {}),  # layer 0's input needs no grad: W + ΔW is not kept there, the expert inputs are
+    ("attention,experts,router", {"rank_pattern": {"gate_up_proj": 8}}),
+    ("router", {}),
+    ("q", {}),
+])
+def test_moe_activations_equal_autograd_saved_tensors(family, targets, extra):
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    plan = LoraPlan(targets=targets, r=4, lora_dropout=0.0, **extra)
+    model, structure = _tiny_peft(plan, family=family)
+    ids = torch.randint(0, 256, (2, 32))
+    measured = _saved_by_autograd(model, ids, SDPBackend.FLASH_ATTENTION)
+    estimate = estimate_memory(structure, plan, 2, 32, runtime=CPU)
+    assert abs(measured - estimate.saved_bytes) <= 4
+
+
+def test_moe_peft_all_linear_keeps_what_the_estimate_says():
+    """PEFT reading `target_modules="all-linear"` itself, with the plan spelled out for the estimate."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.attention import SDPBackend
+
+    plan = LoraPlan(r=4, lora_dropout=0.0, **MOE_ALL_LINEAR)
+    model, structure = _tiny_peft(plan, family="qwen3_moe")
+    base = model.unload()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    from loraplan.plan.count import count_plan
+
+    assert model.get_nb_trainable_parameters()[0] == count_plan(structure, plan).trainable_params
+    measured = _saved_by_autograd(model, torch.randint(0, 256, (2, 32)), SDPBackend.FLASH_ATTENTION)
+    assert abs(measured - estimate_memory(structure, plan, 2, 32, runtime=CPU).saved_bytes) <= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("targets, extra, config, ckpt, phase", [
+    ("attention", {}, WIDE_EXPERTS, False, "last layer backward"),  # act·up's backward
+    ("all-linear", MOE_ALL_LINEAR, WIDE_EXPERTS, False, "last layer backward"),  # ΔW's gradient of down
+    ("all-linear", MOE_ALL_LINEAR, {}, False, "loss backward"),
+    ("experts", {}, WIDE_EXPERTS, True, "layer recompute + backward"),
+    ("all-linear", MOE_ALL_LINEAR, {}, True, "layer recompute + backward"),  # the later layers' LoRA gradients
+])
+def test_moe_peak_of_a_training_step(family, targets, extra, config, ckpt, phase):
+    extra = {"targets": targets, **extra}
+    plan = LoraPlan(r=4, lora_dropout=0.0, **extra)
+    model, structure = _tiny_peft(plan, family=family, **config)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    measured = _peak_of_steps(model, 2, 32)
+    estimate = estimate_memory(structure, plan, 2, 32, grad_ckpt=ckpt, runtime=CPU)
+    loaded = ("base weights", "LoRA weights", "cuBLAS workspaces")
+    predicted = estimate.total_bytes - sum(t.bytes for t in estimate.terms if t.name in loaded)
+    assert estimate.peak_phase == phase
+    # checkpointing: the recompute + backward moment is modeled approximately
+    assert math.isclose(predicted, measured, rel_tol=0.02 if ckpt else 0.01), (predicted, measured)
+
+
+@pytest.mark.slow
+def test_moe_peak_in_the_fp32_routing_weight_backward():
+    """Mixtral multiplies the expert outputs by fp32 routing weights: with a wide hidden size the
+    gradient of that product (fp32, a product per input and the cast back) holds the peak."""
+    plan = LoraPlan(targets="attention", r=4, lora_dropout=0.0)
+    model, structure = _tiny_peft(plan, family="mixtral", vocab_size=32, hidden_size=256, intermediate_size=32)
+    measured = _peak_of_steps(model, 2, 32)
+    estimate = estimate_memory(structure, plan, 2, 32, runtime=CPU)
+    predicted = estimate.total_bytes - sum(t.bytes for t in estimate.terms
+                                           if t.name in ("base weights", "LoRA weights", "cuBLAS workspaces"))
+    assert estimate.peak_phase == "last layer backward"
+    assert math.isclose(predicted, measured, rel_tol=0.01), (predicted, measured)
+
+
+def test_moe_terms_by_hand_qwen3_30b_a3b():
+    """12 layers of Qwen3-30B-A3B (E = 128, top-8, H = 2048, I = 768), bf16, 1 × 2048 tokens."""
+    from loraplan.model.loading import load_structure, make_config, read_config_dict
+    from loraplan.model.structure import build_structure
+
+    config = read_config_dict("builtin:qwen3-30b-a3b")[0]
+    structure = build_structure(make_config({**config, "num_hidden_layers": 12}), source="qwen3-30b-a3b x12")
+    n, E, k, H, I, r = 2048, 128, 8, 2048, 768, 16
+    frozen = estimate_memory(structure, LoraPlan(targets="attention", r=r, lora_dropout=0.0), 1, n)
+    # per routed copy: gate_up output 2I, act(gate) I, down output H (bf16), 3 int64 indices, the mask,
+    # the bf16 routing weight; per token the fp32 softmax over E, the top-k indices, values and sum
+    routed = k * (2 * (2 * I + I + H) + 3 * 8 + 1 + 2)
+    router = 4 * E + 8 * k + 4 * k + 4
+    assert term(frozen, "MoE experts (activations, 12 layers)") == 12 * routed * n
+    assert term(frozen, "MoE router (activations, 12 layers)") == 12 * router * n
+    adapted = estimate_memory(structure, LoraPlan(r=r, lora_dropout=0.0, targets="attention,experts,router",
+                                                  rank_pattern={"gate_up_proj": 2 * r}), 1, n)
+    copies = 2 * E * (2 * I * H + H * I) + 2 * E * H  # W + ΔW of gate_up, down and the router
+    factors = 2 * E * (2 * r * (H + 2 * I) + r * (I + H))  # the bf16 B and A baddbmm keeps
+    assert term(adapted, "experts: W + ΔW copies (PEFT ParamWrapper)") == 12 * (copies + factors)
+    assert adapted.total_bytes > frozen.total_bytes + 12 * copies
 
 
 def test_qlora_weights_and_activations_with_bitsandbytes(tmp_path):
@@ -385,10 +505,10 @@ def test_cli_json(capsys):
     (["--dtype", "bf32"], "unknown dtype 'bf32'"),
     (["--quant", "3bit"], "unknown quantization '3bit'"),
     (["--optimizer", "adam8bit"], "unknown optimizer 'adam8bit'"),
-    (["--batch-size", "0"], "batch size must be a positive integer"),
-    (["--seq-len", "-5"], "sequence length must be a positive integer"),
+    (["--batch-size", "0"], "argument --batch-size/-b: expected a positive integer"),
+    (["--seq-len", "-5"], "argument --seq-len/-l: expected a positive integer"),
     (["--gpu-memory", "lots"], "cannot read the GPU memory size 'lots'"),
-    (["--lora-dropout", "1.5"], "--lora-dropout must be a number in [0, 1)"),
+    (["--lora-dropout", "1.5"], "argument --lora-dropout: expected a number in [0, 1)"),
     (["--no-double-quant"], "--no-double-quant applies to --quant 4bit only"),
 ])
 def test_cli_bad_input_is_one_line(capsys, args, message):
@@ -463,3 +583,23 @@ def test_compare_reports_errors_and_verdicts(tmp_path):
     assert "+5.0%" in report and "NVIDIA H100 80GB HBM3" in report and "did not run to the end" in report
     # the estimate says 8×1024 fits in 85 GB: a recorded OOM counts against the verdict
     assert "'right': 1" in report and "'said fits, ran out': 1" in report
+
+
+def test_moe_benchmark_rows_are_estimated_as_recorded(tmp_path):
+    """compare.py recomputes moe.py's rows with the same structure (a few layers) and plan."""
+    compare, moe = _benchmark("compare"), _benchmark("moe")
+    from loraplan.plan.lora_plan import LoraPlan
+
+    model_id, layers = moe.MODELS["mixtral-8x7b"]
+    structure = moe.structure_of(model_id)
+    assert structure.num_layers == layers
+    plan, peft = moe.plans(16)["all-linear"]
+    e = estimate_memory(structure, LoraPlan(**plan), 1, 2048)
+    config = {"targets": "all-linear", "r": 16, "batch_size": 1, "seq_len": 2048, "grad_ckpt": False, "dora": False,
+              "quant": None, "double_quant": True, "layers": layers, "tiny": False, "plan": plan, "peft": peft}
+    env = {"device": "NVIDIA H200", "device_total_bytes": 150_000_000_000}
+    row = {"model": model_id, "name": "all-linear r16 1x2048", "config": config, "status": "ok", "env": env,
+           "allocated_peak": round(e.total_bytes / 1.02), "reserved_peak": e.total_bytes, "seconds": 1.0}
+    assert compare.estimate_row(row, {}).total_bytes == e.total_bytes
+    report, worst = compare.build_report([row])
+    assert math.isclose(worst, 0.02, abs_tol=1e-4) and "+2.0%" in report

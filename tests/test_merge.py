@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from test_analyze import _one_line_error, run_cli, save_adapter
-from tiny import FAMILIES, make_model, save_tiny_model
+from support.adapters import save_adapter
+from support.cli import one_line_error, run_cli
+from support.tiny import FAMILIES, make_model, save_tiny_model
 
 from loraplan.adapter import merge as merging
 from loraplan.adapter.merge import merge
@@ -81,12 +82,12 @@ def test_an_adapter_that_does_not_fit_fails_before_loading(tmp_path, capsys, mon
         raise AssertionError("weights loaded before the fit check")
 
     monkeypatch.setattr("loraplan.model.loading.load_model", no_loading)
-    line = _one_line_error(capsys, ["merge", str(tmp_path / "narrow"), str(tmp_path / "a"), "--out",
+    line = one_line_error(capsys, ["merge", str(tmp_path / "narrow"), str(tmp_path / "a"), "--out",
                                     str(tmp_path / "m")], "model.layers.0.mlp.down_proj", "128→64", "96→64")
     assert "does not fit" in line
     assert not (tmp_path / "m").exists()
     save_tiny_model(tmp_path / "gpt2", "gpt2")
-    _one_line_error(capsys, ["merge", str(tmp_path / "gpt2"), str(tmp_path / "a"), "--out", str(tmp_path / "m")],
+    one_line_error(capsys, ["merge", str(tmp_path / "gpt2"), str(tmp_path / "a"), "--out", str(tmp_path / "m")],
                     "does not have")
 
 
@@ -94,14 +95,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     save_tiny_model(tmp_path / "base", "llama")
     save_adapter(tmp_path / "a", r=4, target_modules=["q_proj"])
     base, a = str(tmp_path / "base"), str(tmp_path / "a")
-    _one_line_error(capsys, ["merge", base, str(tmp_path / "nothing"), "--out", str(tmp_path / "m")], "no such folder")
-    _one_line_error(capsys, ["merge", str(tmp_path / "nowhere"), a, "--out", str(tmp_path / "m")], "no such file")
-    _one_line_error(capsys, ["merge", base, a, "--out", base], "input")
-    _one_line_error(capsys, ["merge", base, a, "--out", str(tmp_path / "m"), "--dtype", "int8"], "invalid choice")
-    _one_line_error(capsys, ["merge", "builtin:llama-3.1-8b", a, "--out", str(tmp_path / "m")])
+    one_line_error(capsys, ["merge", base, str(tmp_path / "nothing"), "--out", str(tmp_path / "m")], "no such folder")
+    one_line_error(capsys, ["merge", str(tmp_path / "nowhere"), a, "--out", str(tmp_path / "m")], "no such file")
+    one_line_error(capsys, ["merge", base, a, "--out", base], "input")
+    one_line_error(capsys, ["merge", base, a, "--out", str(tmp_path / "m"), "--dtype", "int8"], "invalid choice")
+    one_line_error(capsys, ["merge", "builtin:llama-3.1-8b", a, "--out", str(tmp_path / "m")])
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    _one_line_error(capsys, ["merge", base, a, "--out", str(tmp_path / "busy"), "--overwrite"], "not overwriting")
+    one_line_error(capsys, ["merge", base, a, "--out", str(tmp_path / "busy"), "--overwrite"], "not overwriting")
     assert not (tmp_path / "m").exists()
 
 

@@ -17,6 +17,7 @@ from loraplan.sweeps.planted import PlantedSpec, PlantedTask, make_planted_task
 SMALL = dict(layers=2, hidden=64, intermediate=128, vocab=64, examples=64, eval_examples=16, seq_len=12)
 
 
+@pytest.mark.slow
 def test_planted_task_files_and_answer(tmp_path):
     task = make_planted_task(tmp_path / "t", PlantedSpec(targets="q,v", rank=2, **SMALL))
     assert {p.name for p in task.folder.iterdir()} == {"base", "train.jsonl", "eval.jsonl", "planted.json",
@@ -61,12 +62,12 @@ def test_demo_ranks_the_planted_configs_on_top(tmp_path):
     assert result.recovered, result.sweep.summary
     planted = set(result.task.modules)
     structure = load_structure(str(result.task.base))
-    ranking = result.sweep.summary["ranking"]
-    by_name = {r["name"]: r for r in result.sweep.results}
+    ranking = result.sweep.summary.ranking
+    by_name = {r.name: r for r in result.sweep.results}
 
     def covers(name):
         r = by_name[name]
-        return planted <= {m.name for m in resolve_targets(structure, r["targets"]).modules} and r["r"] >= 4
+        return planted <= {m.name for m in resolve_targets(structure, r.targets).modules} and r.r >= 4
 
     good = [n for n in ranking if covers(n)]
     bad = [n for n in ranking if not covers(n)]

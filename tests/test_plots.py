@@ -12,12 +12,14 @@ import pytest
 from matplotlib.image import imread
 
 from loraplan.sweeps import plots
+from loraplan.sweeps.folder import TrialResult, metric_point
 
 
 def result(name, targets, r, loss, params, status="completed", sem=0.005, rslora=False, dora=False, **extra):
-    return {"name": name, "status": status, "targets": targets, "r": r, "lora_alpha": float(r), "use_rslora": rslora,
-            "use_dora": dora, "loraplus_lr_ratio": None, "trainable_params": params, "eval_loss": loss,
-            "eval_loss_sem": sem, "wall_s": 10.0 * r, "peak_memory_bytes": int((3 + r / 32) * plots.GIB), **extra}
+    return TrialResult.from_json({
+        "name": name, "status": status, "targets": targets, "r": r, "lora_alpha": float(r), "use_rslora": rslora,
+        "use_dora": dora, "loraplus_lr_ratio": None, "trainable_params": params, "eval_loss": loss,
+        "eval_loss_sem": sem, "wall_s": 10.0 * r, "peak_memory_bytes": int((3 + r / 32) * plots.GIB), **extra})
 
 
 RESULTS = [
@@ -60,7 +62,7 @@ def test_eval_loss_vs_rank_writes_png_with_one_line_per_module_set(tmp_path):
     assert len(styles) == 4 and len({h.get_marker() for h in handles}) == 4
     # the markers: the y values plotted are the completed trials' losses; rsLoRA filled, others hollow
     markers = [line for line in ax.lines if line.get_marker() in plots.MARKERS and line.get_linestyle() == "None"]
-    assert sorted(m.get_ydata()[0] for m in markers) == sorted(r["eval_loss"] for r in RESULTS[:6])
+    assert sorted(m.get_ydata()[0] for m in markers) == sorted(r.eval_loss for r in RESULTS[:6])
     hollow = [m for m in markers if m.get_markerfacecolor() in ("white", (1.0, 1.0, 1.0, 1.0))]
     assert sorted(m.get_ydata()[0] for m in hollow) == [1.37, 1.41]
     # series sharing r=16 are nudged apart, within 5% of the rank
@@ -97,7 +99,7 @@ def test_eval_loss_vs_params_draws_the_front_noise_band_and_recommendation(tmp_p
     band = next(p for p in ax.patches if p.get_label().startswith("within noise"))
     y0, y1 = band.get_path().get_extents(band.get_patch_transform()).intervaly
     assert (min(y0, y1), max(y0, y1)) == pytest.approx((1.340, 1.350))
-    assert sorted(t.get_text() for t in ax.texts) == sorted(r["name"] for r in RESULTS[:6])
+    assert sorted(t.get_text() for t in ax.texts) == sorted(r.name for r in RESULTS[:6])
 
 
 def test_loss_curves_mark_divergence_and_keep_the_scale_of_healthy_trials(tmp_path):
@@ -105,7 +107,7 @@ def test_loss_curves_mark_divergence_and_keep_the_scale_of_healthy_trials(tmp_pa
     healthy += [{"kind": "eval", "step": s, "eval_loss": 2.1 / math.sqrt(s), "eval_loss_sem": 0.01} for s in (20, 40)]
     exploding = [{"kind": "train", "step": s, "train_loss": 2.0 * 3 ** max(0, s - 20)} for s in range(1, 30)]
     exploding.append({"kind": "train", "step": 30, "train_loss": math.nan})
-    curves = {"ok": healthy, "boom": exploding, "empty": []}
+    curves = {"ok": [metric_point(p) for p in healthy], "boom": [metric_point(p) for p in exploding], "empty": []}
     path = plots.loss_curves(curves, tmp_path / "c.png", statuses={"boom": "diverged", "empty": "oom"})
     png_size(path)
     fig = plots.loss_curves_figure(curves, statuses={"boom": "diverged", "empty": "oom"})
@@ -129,9 +131,9 @@ def test_cost_per_trial_shows_gib_and_seconds_and_marks_failures(tmp_path):
     mem, wall = fig.axes[:2]
     assert mem.get_xlabel() == "peak memory (GiB)" and wall.get_xlabel() == "wall time (s)"
     widths = [p.get_width() for p in mem.patches]
-    expected = [r["peak_memory_bytes"] / plots.GIB for r in RESULTS if r["peak_memory_bytes"] is not None]
+    expected = [r.peak_memory_bytes / plots.GIB for r in RESULTS if r.peak_memory_bytes is not None]
     assert widths == pytest.approx(expected)
-    assert [t.get_text() for t in mem.get_yticklabels()] == [r["name"] for r in RESULTS]
+    assert [t.get_text() for t in mem.get_yticklabels()] == [r.name for r in RESULTS]
     texts = [t.get_text() for t in mem.texts]
     assert "not measured  [oom]" in texts and any(t.endswith("[diverged]") for t in texts)
     hatched = [p for p in mem.patches if p.get_hatch()]
@@ -177,11 +179,11 @@ def test_adapter_spectra_one_panel_per_trial(tmp_path):
 def test_every_plot_renders_empty_failed_and_single_trial_input(tmp_path, data):
     for n, (fn, args) in enumerate([(plots.eval_loss_vs_rank, (data,)), (plots.eval_loss_vs_params, (data,)),
                                     (plots.cost_per_trial, (data,)),
-                                    (plots.loss_curves, ({r["name"]: [] for r in data},)),
+                                    (plots.loss_curves, ({r.name: [] for r in data},)),
                                     (plots.probe_importance, ({"modules": []},)),
                                     (plots.adapter_spectra, ({},))]):
         png_size(fn(*args, tmp_path / f"{n}.png"))
-    if data and data[0]["status"] == "completed":
+    if data and data[0].status == "completed":
         ax = plots.eval_loss_vs_rank_figure(data).axes[0]
         low, high = ax.get_xlim()
         assert low < 8 < high and high / low < 3

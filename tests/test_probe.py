@@ -18,6 +18,7 @@ def mlp_task(tmp_path_factory):
     return make_planted_task(tmp_path_factory.mktemp("p") / "mlp4", PlantedSpec(rank=4, examples=1200, eval_examples=16))
 
 
+@pytest.mark.slow
 def test_probe_ranks_the_planted_mlp_first_and_estimates_its_rank(mlp_task):
     result = probe(str(mlp_task.base), str(mlp_task.train), batches=16, batch_size=32, max_length=64)
     ranking = [r.role for r in result.roles]
@@ -29,6 +30,7 @@ def test_probe_ranks_the_planted_mlp_first_and_estimates_its_rank(mlp_task):
     assert result.tokens == 16 * 32 * 49
 
 
+@pytest.mark.slow
 def test_raw_gradient_would_have_pointed_at_attention(mlp_task):
     """The trap the probe avoids: ‖∂L/∂W‖/‖W‖ at the base ranks v/o above the planted MLP."""
     from loraplan.data.batches import training_steps
@@ -50,6 +52,7 @@ def test_raw_gradient_would_have_pointed_at_attention(mlp_task):
     assert max(mean["v_proj"], mean["o_proj"]) > max(mean["gate_proj"], mean["up_proj"], mean["down_proj"])
 
 
+@pytest.mark.slow
 def test_no_planted_change_means_no_signal(tmp_path):
     task = make_planted_task(tmp_path / "none", PlantedSpec(strength=1e-6, examples=600, eval_examples=16))
     result = probe(str(task.base), str(task.train), batches=8, batch_size=32, max_length=64)
@@ -81,6 +84,7 @@ def test_whitener_gives_the_symmetric_inverse_square_roots_energy_and_cross_term
     assert torch.allclose(diagonal.right(g1).double(), g1.double() / (d + DAMPING * d.mean()).sqrt(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys, monkeypatch):
     import os
 
@@ -140,6 +144,7 @@ def _loaded(task):
     return model, structure, _candidates(structure, "all-linear"), batches, tokenizer.pad_token_id
 
 
+@pytest.mark.slow
 def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_unchanged(mlp_task):
     """One pass for all layers, one pass per layer (what a small memory budget forces), or layers
     recomputed in the backward pass (all or some): the same per-module signal; q/k/v (and gate/up) share
@@ -181,6 +186,7 @@ def test_layer_groups_checkpointing_and_shared_input_factors_leave_the_signal_un
     assert torch.allclose(stats[0].input.dense().float(), 2 * x.reshape(10, -1).T @ x.reshape(10, -1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_running_out_of_memory_probes_again_leaner_and_keeps_finished_passes(mlp_task, monkeypatch):
     """An out-of-memory error mid-probe (a fragmented allocator cache, activations underestimated)
     costs a retry planning for less memory, not the run: finished passes are kept, the result is the
@@ -236,6 +242,7 @@ def test_warm_up_runs_the_whitening_and_spectra(monkeypatch, half):
     assert signal.name == "warm-up" and signal.naive > 0 and math.isfinite(signal.signal)  # folds of pure noise
 
 
+@pytest.mark.slow
 def test_solved_and_inverted_whitening_agree_on_a_wide_mlp(monkeypatch, tmp_path):
     """A factor whitening fewer than a third of its width in vectors is applied by triangular solves
     (here the MLP's 256-wide side against a 32-wide model: gate/up's outputs, down's input), whose

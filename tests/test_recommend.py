@@ -9,10 +9,9 @@ import types
 import warnings
 
 import pytest
-from tiny import write_config
+from support.cli import run_cli
 
 import loraplan
-from loraplan.cli import main
 from loraplan.errors import UsageError
 from loraplan.plan.recommend import (
     SIZE_BUCKETS,
@@ -47,18 +46,6 @@ def seed_build_lora_config(task_type: str, dataset_size: int, domain_complexity:
     else:
         rank = min(base_rank * 2, 64)
     return modules, rank, rank, rank >= 16
-
-
-def run_cli(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny model folders (config only) by family."""
-    return {f: write_config(f, tmp_path_factory.mktemp(f)) for f in ("llama", "gpt2", "phi3", "t5", "mixtral")}
 
 
 # -- the seed's three examples, and its builder everywhere it is defined --------------------------
@@ -152,10 +139,11 @@ def test_dora_at_half_the_rank():
     assert (small.r, small.use_rslora) == (4, False)
 
 
-def test_new_tokens_adds_embeddings_and_lm_head_only_when_asked():
-    assert "embed_tokens" not in recommend("domain_adaptation", 20_000).targets
+def test_new_tokens_trains_embeddings_and_lm_head_in_full_only_when_asked():
+    assert recommend("domain_adaptation", 20_000).modules_to_save == ()
     plan = recommend("domain_adaptation", 20_000, new_tokens=True)
-    assert plan.targets.split(",")[-2:] == ["embed_tokens", "lm_head"]
+    # full copies (modules_to_save), as axolotl requires and LLaMA-Factory's resize_vocab does; no LoRA on them
+    assert plan.modules_to_save == ("embed_tokens", "lm_head") and "embed_tokens" not in plan.targets
     assert any("trainable_token_indices" in r.text for r in plan.reasons)
 
 

@@ -4,6 +4,7 @@ as text and in a real headless Chromium (DOM dump + screenshot)."""
 from __future__ import annotations
 
 import base64
+import html as htmllib
 import json
 import math
 import os
@@ -15,10 +16,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from support.cli import run_cli
 
 import loraplan
 from loraplan.cli import main
-from loraplan.sweeps.report import read_sweep
+from loraplan.sweeps.folder import read_sweep
+from loraplan.sweeps.ranking import summary_for
 
 # Llama-3.2-1B: 16 layers, hidden 2048, k/v 512 (8 kv heads × 64), MLP 8192. LoRA adds r·(in + out)
 # per Linear; DoRA adds one magnitude entry per output feature.
@@ -156,7 +159,7 @@ def adapter_analysis(tmp_path_factory) -> dict:
     """`loraplan analyze --json` of a real (tiny, randomly initialised) PEFT adapter: analysis.json
     holds exactly this per trial."""
     from peft import LoraConfig, get_peft_model
-    from tiny import make_model
+    from support.tiny import make_model
 
     from loraplan.adapter.analyze import analyze
 
@@ -219,12 +222,6 @@ def trial_name(row: list[str]) -> str:
     return re.sub(r"(recommended|≈ best|best|Pareto|oom|diverged|failed|pruned|unfinished|pending)+$", "", row[1])
 
 
-def run_cli(argv, capsys):
-    rc = main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def check_self_contained(text: str) -> Page:
     page = Page(text)
     assert "<script" not in text.lower()
@@ -237,13 +234,13 @@ def check_self_contained(text: str) -> Page:
 
 def test_without_summary_json_the_sweeps_own_ranking_is_computed(tmp_path):
     sweep = read_sweep(build_sweep(tmp_path / "s", summary=False))
-    s = sweep.summary
-    assert sweep.summary_source == "computed from result.json"
-    assert s["ranking"] == RANKING and s["best"] == "full_r16"
+    s, source = summary_for(sweep)
+    assert sweep.summary is None and source == "computed from result.json"
+    assert s.ranking == RANKING and s.best == "full_r16"
     # noise on a difference of two means with s.e. 0.006 each: 2·√2·0.006 ≈ 0.017; attention_r16 is
     # +0.0085 (within, and the cheapest of those), attention_r8 +0.0305 (not)
-    assert s["recommended"] == "attention_r16"
-    assert s["failed"] == {"full_r32_dora": "oom", "full_r64": "diverged", "qv_r4": "pruned"}
+    assert s.recommended == "attention_r16"
+    assert s.failed == {"full_r32_dora": "oom", "full_r64": "diverged", "qv_r4": "pruned"}
     assert [t.status for t in sweep.trials] == ["completed"] * 6 + ["oom", "diverged", "pruned"]
 
 
@@ -280,12 +277,13 @@ def test_report_cli_writes_a_self_contained_page_with_every_trial_and_plot(tmp_p
     assert "fewest trainable parameters (3.4M) among trials within noise (±0.012)" in html
     assert "±0.012 nats/token (from summary.json)" in html
     assert "NVIDIA H100 80GB HBM3" in html and "data/support_chats.jsonl" in html and "412,388 train tokens" in html
-    assert "LoraConfig(\n    r=16,\n    lora_alpha=16.0,\n    target_modules=[&#x27;q_proj&#x27;, &#x27;k_proj&#x27;" in html
+    assert "LoraConfig(\n    r=16,\n    lora_alpha=16.0,\n    target_modules=['q_proj', 'k_proj'" in htmllib.unescape(html)
     assert html.count("<details") == 9
     assert "<th>scale on B·A</th><td>4 (α/√r)</td>" in html  # attention_r16: 16/√16
     assert "<th>scale on B·A</th><td>2 (α/r)</td>" in html  # attention_r8: 16/8
 
 
+@pytest.mark.slow
 def test_report_api_with_out_probe_and_analysis(tmp_path, adapter_analysis):
     folder = build_sweep(tmp_path / "sweep")
     write_probe(folder)
@@ -354,7 +352,8 @@ def test_report_renders_degenerate_sweeps(tmp_path, capsys, case):
         assert info["ranking"] == ["attention_r16", "attention_r8", "qv_r8"]
         assert info["recommended"] == "attention_r16"
         assert "still running, or interrupted" in html and "not started" in html
-        assert "trials/full_r16/metrics.jsonl: 1 unreadable line skipped" in info["notes"]
+        assert ("trials/full_r16/metrics.jsonl: the last line is cut (the trial stopped while writing it): skipped"
+                in info["notes"])
         assert "no metrics.jsonl" in html
     else:
         assert info["summary_source"] == "computed from result.json" and info["recommended"] == "attention_r16"
@@ -377,8 +376,8 @@ def test_report_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert rc == 2 and f"(hint: it is inside the sweep folder {tmp_path.resolve() / 'runs' / 'a'})" in err
     broken = build_sweep(tmp_path / "broken", trials=GRID[:2])
     (broken / "trials" / "qv_r8" / "result.json").write_text('{"name": "qv_r8", "status": ')
-    rc, _, err = run_cli(["report", str(broken)], capsys)
-    assert rc == 2 and "trials/qv_r8/result.json" in err and "is not valid JSON" in err
+    rc, out, err = run_cli(["report", str(broken)], capsys)  # a cut result.json: a damaged trial, not an error
+    assert rc == 0 and "(2 trials: 1 damaged, 1 completed)" in out, err
     (broken / "sweep.json").write_text('{"format": 7}')
     rc, _, err = run_cli(["report", str(broken)], capsys)
     assert rc == 2 and "has format 7" in err
@@ -399,6 +398,7 @@ def chromium(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedPro
 
 
 @needs_chromium
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["full", "one_trial", "all_failed"])
 def test_report_renders_in_headless_chromium(tmp_path, case, adapter_analysis):
     trials = {"full": GRID, "one_trial": GRID[3:4], "all_failed": GRID[6:9]}[case]

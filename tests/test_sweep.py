@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import save_tiny_model
+from support.tiny import save_tiny_model
 
 from loraplan.cli import main
 from loraplan.sweeps.runner import sweep
@@ -35,6 +35,7 @@ def run_cli(*argv, env=None):
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
+@pytest.mark.slow
 def test_three_trials_write_the_ledger(workspace):
     root, model = workspace
     out = root / "ledger"
@@ -64,9 +65,10 @@ def test_three_trials_write_the_ledger(workspace):
     from loraplan.plan.count import count
 
     for r in result.results:
-        assert r["trainable_params"] == count(model, targets=r["targets"], rank=4).trainable_params
+        assert r.trainable_params == count(model, targets=r.targets, rank=4).trainable_params
 
 
+@pytest.mark.slow
 def test_adapter_reloads_and_reproduces_its_eval_loss(workspace):
     root, model = workspace
     out = root / "ledger"
@@ -95,6 +97,7 @@ def test_adapter_reloads_and_reproduces_its_eval_loss(workspace):
     assert weighted_mean_sem(losses, counts)[0] == pytest.approx(recorded["eval_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_rerun_finishes_without_redoing(workspace):
     root, model = workspace
     out = root / "killed"
@@ -121,6 +124,7 @@ def test_sigkill_mid_trial_then_rerun_finishes_without_redoing(workspace):
     assert len(summary["ranking"]) == 3
 
 
+@pytest.mark.slow
 def test_nan_and_oom_are_recorded_and_the_sweep_goes_on(workspace):
     root, model = workspace
     out = root / "faults"
@@ -161,6 +165,7 @@ def test_preflight_catches_bad_targets_before_loading(workspace, tmp_path, capsy
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_changed_spec_is_refused_with_the_difference(workspace, capsys):
     root, model = workspace
     out = root / "ledger"
@@ -183,6 +188,7 @@ def test_dry_run_lists_params_and_warns_on_fixed_alpha(workspace, tmp_path, caps
     assert not (tmp_path / "dry").exists()
 
 
+@pytest.mark.slow
 def test_successive_halving_prunes_the_worst(workspace):
     root, model = workspace
     out = root / "halving"
@@ -190,11 +196,11 @@ def test_successive_halving_prunes_the_worst(workspace):
     result = sweep(model, str(root / "train.jsonl"), out=out, progress=False,
                    overrides={"grid": grid, **FAST, "training.max_steps": 8, "halving.enabled": True,
                               "halving.rungs": 2})
-    statuses = {r["name"]: r["status"] for r in result.results}
+    statuses = {r.name: r.status for r in result.results}
     assert sorted(statuses.values()) == ["completed", "completed", "pruned", "pruned"]
-    pruned = [r for r in result.results if r["status"] == "pruned"]
-    assert all(r["steps"] == 4 for r in pruned) and all("successive halving" in r["message"] for r in pruned)
-    assert all((out / "trials" / r["name"] / "adapter").exists() for r in pruned)
+    pruned = [r for r in result.results if r.status == "pruned"]
+    assert all(r.steps == 4 for r in pruned) and all("successive halving" in r.message for r in pruned)
+    assert all((out / "trials" / r.name / "adapter").exists() for r in pruned)
 
 
 def test_from_file_adds_the_users_config_as_a_trial(workspace, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The target grammar: roles, groups, presets, names, regex, layers, and its errors."""
 
 import pytest
-from tiny import make_model
+from support.tiny import make_model
 
 from loraplan.errors import UsageError
 from loraplan.model.structure import read_structure
@@ -58,7 +58,8 @@ def test_moe_experts_are_parameters(structures):
 
 
 def test_literal_names_suffixes_and_regex(structures):
-    assert names(structures, "llama", "q_proj,self_attn.o_proj") == ["q_proj", "o_proj"]
+    # names reach PEFT as written (PEFT's reading is the meaning)
+    assert names(structures, "llama", "q_proj,self_attn.o_proj") == ["q_proj", "self_attn.o_proj"]
     r = resolve_targets(structures["llama"], r"re:model\.layers\.1\.self_attn\.(q|v)_proj")
     assert [m.name for m in r.modules] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     assert isinstance(r.target_modules, str)  # one layer only: PEFT needs a regex
@@ -100,3 +101,44 @@ def test_empty_and_out_of_range(structures):
         resolve_targets(structures["llama"], "q", layers="5")
     with pytest.raises(UsageError, match="bad layer range"):
         parse_layers("a-b", structures["llama"])
+
+
+def test_config_with_special_floats_loads_through_transformers(tmp_path):
+    """transformers 5 writes Mamba-2's time_step_limit (0, inf) as {"__float__": "Infinity"}."""
+    from transformers import Mamba2Config
+
+    from loraplan.model.loading import load_structure
+
+    config = Mamba2Config(hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, vocab_size=128,
+                          state_size=8, n_groups=1, expand=2, architectures=["Mamba2ForCausalLM"])
+    config.save_pretrained(tmp_path)
+    assert "__float__" in (tmp_path / "config.json").read_text()
+    structure = load_structure(str(tmp_path))
+    assert {m.role for m in structure.modules if m.block == "ssm"} >= {"ssm_in", "ssm_out"}
+
+
+def test_inspect_shows_experts_and_router(structures):
+    from loraplan.model.inspect import inspect_structure
+
+    qwen = read_structure(make_model("qwen3_moe"))
+    moe = inspect_structure(qwen).moe
+    gate_up = next(w for w in moe["weights"] if w["pattern"].endswith("gate_up_proj"))
+    assert (gate_up["experts"], gate_up["in_features"], gate_up["out_features"]) == (4, 64, 64)
+    assert gate_up["fused"] == ["gate_proj", "up_proj"] and gate_up["peft"] == "target_parameters"
+    assert moe["routers"][0]["pattern"].endswith("mlp.gate.weight")
+    assert any("4 experts × 2 layers" in n for n in inspect_structure(qwen).notes)
+    assert inspect_structure(structures["llama"]).moe is None
+
+
+def test_albert_ffn_roles_and_its_name_as_peft_reads_it():
+    import torch
+    from transformers import AlbertConfig, AlbertForMaskedLM
+
+    config = AlbertConfig(hidden_size=64, embedding_size=32, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, vocab_size=128)
+    with torch.device("meta"):
+        structure = read_structure(AlbertForMaskedLM(config))
+    mlp = resolve_targets(structure, "mlp")
+    assert sorted(m.leaf for m in mlp.modules) == ["ffn", "ffn_output"]
+    ffn = resolve_targets(structure, "ffn")  # a real Linear named ffn: PEFT's reading, not the mlp alias
+    assert [m.leaf for m in ffn.modules] == ["ffn"] and any("module name" in n for n in ffn.notes)

@@ -46,13 +46,18 @@ def estimate_row(row: dict, structures: dict):
     from loraplan.plan.lora_plan import LoraPlan
     from loraplan.plan.memory import estimate_memory
 
-    model = row["model"]
-    if model not in structures:
-        structures[model] = (build_structure(make_config(dict(TINY)), source="tiny") if model == "tiny"
-                             else load_structure(model))
-    c = row["config"]
-    plan = LoraPlan(targets=c["targets"], r=c["r"], use_dora=c["dora"])
-    return estimate_memory(structures[model], plan, c["batch_size"], c["seq_len"], grad_ckpt=c["grad_ckpt"],
+    model, c = row["model"], row["config"]
+    key = (model, c.get("layers"), c.get("tiny", False))
+    if key not in structures:
+        if c.get("layers"):  # moe.py: an MoE layout cut to a few layers
+            from moe import structure_of
+
+            structures[key] = structure_of(model, c.get("tiny", False))
+        else:
+            structures[key] = (build_structure(make_config(dict(TINY)), source="tiny") if model == "tiny"
+                               else load_structure(model))
+    plan = LoraPlan(**c["plan"]) if "plan" in c else LoraPlan(targets=c["targets"], r=c["r"], use_dora=c["dora"])
+    return estimate_memory(structures[key], plan, c["batch_size"], c["seq_len"], grad_ckpt=c["grad_ckpt"],
                            quant=c["quant"], double_quant=c["double_quant"])
 
 

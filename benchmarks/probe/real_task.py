@@ -405,19 +405,18 @@ def run_sweep(work: Path, steps: int, lr: float, probe_plan: dict | None) -> dic
     wall = time.time() - t0
     trials = []
     for r in result.results:
-        metrics = read_jsonl(work / "sweep" / "trials" / r["name"] / "metrics.jsonl")
-        trials.append({k: r.get(k) for k in ("name", "status", "targets", "r", "lora_alpha", "trainable_params",
-                                             "eval_loss", "eval_loss_sem", "train_loss", "wall_s")}
-                      | {"eval_curve": [{"step": m["step"], "eval_loss": m["eval_loss"]}
-                                        for m in metrics if m.get("kind") == "eval"]})
+        row = r.to_json()
+        trials.append({k: row[k] for k in ("name", "status", "targets", "r", "lora_alpha", "trainable_params",
+                                           "eval_loss", "eval_loss_sem", "train_loss", "wall_s")}
+                      | {"eval_curve": [{"step": e.step, "eval_loss": e.eval_loss} for e in r.evals]})
     summary = result.summary
     return {"wall_s": round(wall, 2), "resumed": resumed,
             # a resumed sweep's wall time misses the earlier trials: their own times stand in for it
             "seconds": round(wall if not resumed else sum(t["wall_s"] or 0 for t in trials), 2),
             "overrides": overrides, "data": result.data, "trials": trials,
-            "best": summary.get("best"), "recommended": summary.get("recommended"), "reason": summary.get("reason"),
-            "noise": summary.get("noise"), "ranking": summary.get("ranking"),
-            "within_noise": {k: v["within_noise"] for k, v in summary.get("trials", {}).items()}}
+            "best": summary.best, "recommended": summary.recommended, "reason": summary.reason,
+            "noise": summary.noise, "ranking": summary.ranking,
+            "within_noise": {k: v.within_noise for k, v in summary.trials.items()}}
 
 
 # -- 6. compare ----------------------------------------------------------------------------------

@@ -45,11 +45,11 @@ def main() -> None:
         sw = sweep(str(task / "base"), str(task / "train.jsonl"), eval=str(task / "eval.jsonl"), out=out / name,
                    overrides={"grid": GRID, **TRAINING}, progress=False)
         sweep_s = time.time() - t0
-        rec = next(r for r in sw.results if r["name"] == sw.summary["recommended"])
-        best = next(r for r in sw.results if r["name"] == sw.summary["best"])
+        rec = next(r for r in sw.results if r.name == sw.summary.recommended)
+        best = next(r for r in sw.results if r.name == sw.summary.best)
         row = {"task": name, "planted": f"{','.join(planted['roles'])} r{planted['rank']}",
-               "probe_plan": f"{pr.plan.targets} r{pr.plan.r}", "sweep_best": f"{best['targets']} r{best['r']}",
-               "sweep_recommended": f"{rec['targets']} r{rec['r']}",
+               "probe_plan": f"{pr.plan.targets} r{pr.plan.r}", "sweep_best": f"{best.targets} r{best.r}",
+               "sweep_recommended": f"{rec.targets} r{rec.r}",
                "probe_s": round(probe_s, 1), "sweep_s": round(sweep_s, 1), "cost_ratio": round(probe_s / sweep_s, 4)}
         print(json.dumps(row), flush=True)
         rows.append(row)

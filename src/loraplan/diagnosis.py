@@ -3,12 +3,15 @@ underfitting, instability, the alpha trap — each with its evidence (steps, val
 move the rank.
 
 RUN is a loraplan sweep folder (docs/sweep-dir.md), one trial folder of it, or a transformers
-`trainer_state.json` (or a checkpoint or output folder holding one). The signs come from the seeds:
+`trainer_state.json` (or a checkpoint or output folder holding one). A sweep or trial folder is read
+by `sweeps.folder` (its policy for damaged and unfinished trials; lines it skips become notes), and
+"clearly worse" in a sweep is the sweep's own noise rule (`sweeps.ranking.compare`), so `diagnose`
+and the sweep's summary agree on the same folder. The signs come from the seeds:
 - r too low: "Validation loss plateaus early"; in a sweep, a higher rank clearly better.
 - r too high: "Training loss decreases but validation loss increases"; "Train loss converges to
   near 0 while eval loss increases"; "Evaluation performance worse than lower-rank variant".
 - "Alpha/Rank Ratio Confusion": lora_alpha fixed while r varies changes the effective learning
-  rate of every rank (unless rsLoRA).
+  rate of every rank (unless rsLoRA): the rule shared with count and the sweep, plan/alpha.py.
 Thresholds are constants below, each with its reason; noisy but healthy curves raise nothing.
 """
 
@@ -23,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .plan.alpha import FIX, AlphaTrap, alpha_traps
+from .sweeps.folder import TrialResult, TrialStatus, read_sweep, read_trial
+from .sweeps.ranking import compare
 
 # -- thresholds ---------------------------------------------------------------------------------
 # Spikes: a step's loss against the median of the steps before it. Per-step losses of small
@@ -43,10 +49,6 @@ NEAR_ZERO = 0.05
 PLATEAU_DONE, PLATEAU_BY, PLATEAU_GAIN = 0.95, 0.25, 0.01
 # No progress: the train loss ends less than 1% below where it started (or within its noise).
 PROGRESS_MIN = 0.01
-# Sweep comparisons: two trials differ when their eval losses differ by more than the sweep's noise
-# estimate, twice their combined standard error, and 0.2% of the loss (a floor for runs that
-# logged no standard error).
-SEMS_APART, NOISE_FLOOR = 2.0, 0.002
 TAIL = 0.1  # "the end of the run": the last 10% of the logged steps (result.json's train_loss too)
 
 
@@ -63,11 +65,27 @@ class Run:
     use_dora: bool = False
     targets: str | None = None
     loraplus_lr_ratio: float | None = None
-    status: str | None = None  # result.json's, for a sweep trial
+    status: str | None = None  # a TrialStatus value, for a sweep trial
     message: str | None = None
     eval_loss: float | None = None  # the final one (result.json), else the last logged
     eval_loss_sem: float | None = None
     trainable_params: int | None = None
+    result: TrialResult | None = field(default=None, repr=False)  # the sweep folder's record of it
+
+    @classmethod
+    def from_trial(cls, t: TrialResult) -> Run:
+        evals = t.evals
+        train = [(p.step, p.train_loss) for p in t.train]
+        curve = [(p.step, math.nan if p.eval_loss is None else p.eval_loss, p.eval_loss_sem) for p in evals]
+        last = next((p for p in reversed(evals) if p.eval_loss is not None and math.isfinite(p.eval_loss)), None)
+        if t.eval_loss is not None:
+            eval_loss, sem = t.eval_loss, t.eval_loss_sem
+        else:
+            eval_loss, sem = (last.eval_loss, last.eval_loss_sem) if last else (None, None)
+        return cls(t.name, train, curve, r=t.r, lora_alpha=t.lora_alpha, use_rslora=t.use_rslora,
+                   use_dora=t.use_dora, targets=t.targets, loraplus_lr_ratio=t.loraplus_lr_ratio,
+                   status=t.status.value, message=t.message, eval_loss=eval_loss, eval_loss_sem=sem,
+                   trainable_params=t.trainable_params, result=t)
 
     @property
     def scale(self) -> float | None:
@@ -111,6 +129,7 @@ class Diagnosis:
     kind: str  # sweep | trial | trainer_state
     runs: list[Run]
     findings: list[Finding]
+    notes: list[str] = field(default_factory=list)  # what the reader skipped (cut or unreadable lines)
 
     @property
     def healthy(self) -> bool:
@@ -118,7 +137,8 @@ class Diagnosis:
 
     def to_json(self) -> dict:
         return {"source": self.source, "kind": self.kind, "healthy": self.healthy,
-                "findings": [f.to_json() for f in self.findings], "runs": [r.summary() for r in self.runs]}
+                "findings": [f.to_json() for f in self.findings], "runs": [r.summary() for r in self.runs],
+                "notes": self.notes}
 
 
 def diagnose(run: str | os.PathLike) -> Diagnosis:
@@ -127,12 +147,16 @@ def diagnose(run: str | os.PathLike) -> Diagnosis:
     if not path.exists():
         raise UsageError(f"no such file or folder: {path}",
                          "give a loraplan sweep or trial folder, or a trainer_state.json")
+    notes: list[str] = []
     if path.is_file():
         runs, kind = [read_trainer_state(path)], "trainer_state"
     elif (path / "sweep.json").is_file() or (path / "trials").is_dir():
-        runs, kind = read_sweep(path), "sweep"
+        sweep = read_sweep(path)
+        if not sweep.trials:
+            raise UsageError(f"{path} has no trials", "run `loraplan sweep` into it first")
+        runs, kind, notes = [Run.from_trial(t) for t in sweep.trials], "sweep", sweep.notes
     elif any((path / n).is_file() for n in ("metrics.jsonl", "result.json", "plan.json")):
-        runs, kind = [read_trial(path)], "trial"
+        runs, kind = [_one_trial(path, notes)], "trial"
     elif (path / "trainer_state.json").is_file():
         runs, kind = [read_trainer_state(path / "trainer_state.json")], "trainer_state"
     else:
@@ -145,8 +169,8 @@ def diagnose(run: str | os.PathLike) -> Diagnosis:
     for r in runs:
         findings.extend(run_findings(r, tagged=kind == "sweep"))
     if kind == "sweep":
-        findings.extend(sweep_findings(runs, _sweep_noise(path)))
-    return Diagnosis(str(path), kind, runs, findings)
+        findings.extend(sweep_findings(runs))
+    return Diagnosis(str(path), kind, runs, findings, notes)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -193,94 +217,13 @@ def read_trainer_state(path: Path) -> Run:
     return run
 
 
-def read_trial(folder: Path) -> Run:
-    """One trial of a sweep: plan.json, metrics.jsonl, result.json (docs/sweep-dir.md)."""
-    train, evals = [], []
-    metrics = folder / "metrics.jsonl"
-    if metrics.is_file():
-        lines = metrics.read_text().splitlines()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines):
-                    continue  # the line being appended while the trial runs
-                raise UsageError(f"{metrics}: line {n} is not JSON", "the ledger is damaged") from None
-            if row.get("kind") == "train" and "train_loss" in row:
-                train.append((int(row["step"]), _float(row["train_loss"])))
-            elif row.get("kind") == "eval" and "eval_loss" in row:
-                evals.append((int(row["step"]), _float(row["eval_loss"]), row.get("eval_loss_sem")))
-    run = Run(folder.name, train, evals)
-    if (folder / "plan.json").is_file():
-        plan = _read_json(folder / "plan.json", "loraplan plan.json")
-        peft = plan.get("peft_config") or {}
-        settings = plan.get("plan") or {}
-        run.name = plan.get("name") or run.name
-        run.r = peft.get("r", settings.get("r"))
-        run.lora_alpha = peft.get("lora_alpha", settings.get("lora_alpha"))
-        run.use_rslora = bool(peft.get("use_rslora", settings.get("use_rslora")))
-        run.use_dora = bool(peft.get("use_dora", settings.get("use_dora")))
-        run.targets = settings.get("targets") or _targets_text(peft.get("target_modules"))
-        run.loraplus_lr_ratio = settings.get("loraplus_lr_ratio")
-    if (folder / "result.json").is_file():
-        result = _read_json(folder / "result.json", "loraplan result.json")
-        run.status, run.message = result.get("status"), result.get("message")
-        for key in ("r", "lora_alpha", "targets", "loraplus_lr_ratio", "trainable_params", "eval_loss_sem"):
-            if result.get(key) is not None:
-                setattr(run, key, result[key])
-        for key in ("use_rslora", "use_dora"):
-            if key in result:
-                setattr(run, key, bool(result[key]))
-        if result.get("eval_loss") is not None:
-            run.eval_loss = _float(result["eval_loss"])
-    if run.eval_loss is None:
-        run.eval_loss = next((v for _, v, _ in reversed(evals) if math.isfinite(v)), None)
-        run.eval_loss_sem = next((s for _, v, s in reversed(evals) if math.isfinite(v)), None)
-    if not train and not evals and run.status is None:
-        raise UsageError(f"{folder} has no metrics yet", "the trial has not logged a step; run the sweep")
-    return run
-
-
-def read_sweep(folder: Path) -> list[Run]:
-    names = []
-    if (folder / "sweep.json").is_file():
-        names = _read_json(folder / "sweep.json", "loraplan sweep.json").get("trials") or []
-    trials = folder / "trials"
-    if trials.is_dir():
-        names += sorted(p.name for p in trials.iterdir() if p.is_dir() and p.name not in names)
-    runs = []
-    for name in names:
-        trial = trials / name
-        if not trial.is_dir() or not any(trial.iterdir()):
-            runs.append(Run(name, [], [], status="not started"))
-            continue
-        try:
-            run = read_trial(trial)
-        except UsageError:
-            runs.append(Run(name, [], [], status="not started"))
-            continue
-        if not (trial / "result.json").is_file():
-            run.status = "unfinished"
-        runs.append(run)
-    if not runs:
-        raise UsageError(f"{folder} has no trials", "run `loraplan sweep` into it first")
-    return runs
-
-
-def _sweep_noise(folder: Path) -> float | None:
-    summary = folder / "summary.json"
-    if summary.is_file():
-        noise = _read_json(summary, "loraplan summary.json").get("noise")
-        return float(noise) if isinstance(noise, int | float) else None
-    return None
-
-
-def _targets_text(targets) -> str | None:
-    if targets is None:
-        return None
-    return targets if isinstance(targets, str) else ",".join(str(t) for t in targets)
+def _one_trial(folder: Path, notes: list[str]) -> Run:
+    """One trial folder of a sweep, read as the sweep reads it."""
+    trial = read_trial(folder, notes=notes)
+    if not trial.metrics and not trial.status.finished:
+        what = "is damaged: " + trial.message if trial.status is TrialStatus.DAMAGED else "has no metrics yet"
+        raise UsageError(f"{folder} {what}", "the trial has not logged a step; run the sweep")
+    return Run.from_trial(trial)
 
 
 def _float(value) -> float:
@@ -321,7 +264,7 @@ def run_findings(run: Run, tagged: bool = False) -> list[Finding]:
     out: list[Finding] = []
     if run.status not in (None, "completed"):
         out.extend(_status_finding(run))
-        if run.status not in ("diverged", "unfinished"):  # their curves still say something
+        if run.status not in ("diverged", "unfinished", "damaged"):  # their curves still say something
             return _tag(out, run, tagged)
     bad = non_finite(run)
     if bad:
@@ -367,9 +310,8 @@ def _status_finding(run: Run) -> list[Finding]:
     if run.status == "oom":
         return [Finding("note", "info", f"ran out of memory{message}", {"status": "oom"},
                         advice="see `loraplan memory` for what fits; gradient checkpointing or a smaller batch")]
-    if run.status in ("not started", "unfinished"):
-        what = "not started" if run.status == "not started" else "unfinished (no result.json): still running or stopped"
-        return [Finding("note", "info", f"{what}; rerun the sweep to complete it", {"status": run.status})]
+    if run.status in ("pending", "unfinished", "damaged"):  # the sweep folder's reader says why and what next
+        return [Finding("note", "info", f"{run.status}: {run.message}", {"status": run.status})]
     return [Finding("note", "info", f"status {run.status}{message}", {"status": run.status})]
 
 
@@ -553,10 +495,10 @@ def _quarter_gain(points: list[tuple[int, float]]) -> tuple[float, float]:
 # -- a sweep ------------------------------------------------------------------------------------
 
 
-def sweep_findings(runs: list[Run], noise: float | None = None) -> list[Finding]:
+def sweep_findings(runs: list[Run]) -> list[Finding]:
     out = alpha_trap(runs)
     trapped = {tuple(f.evidence["group"]) for f in out}
-    out.extend(rank_series(runs, noise, trapped))
+    out.extend(rank_series(runs, trapped))
     return out
 
 
@@ -581,49 +523,28 @@ def _groups(runs: list[Run]) -> dict[tuple, list[Run]]:
 
 
 def alpha_trap(runs: list[Run]) -> list[Finding]:
-    """lora_alpha fixed (or not proportional to r) while r varies, without rsLoRA."""
-    out = []
-    for group, members in _groups(runs).items():
-        members = [m for m in members if m.lora_alpha is not None]
-        ranks = sorted({m.r for m in members})
-        if len(ranks) < 2 or group[2]:  # rsLoRA keeps the optimal learning rate rank-independent
-            continue
-        scales = sorted({round(m.scale, 9) for m in members})
-        if len(scales) < 2:
-            continue
-        alphas = sorted({m.lora_alpha for m in members})
-        pairs = sorted({(m.r, m.lora_alpha) for m in members})
-        table = ", ".join(f"r={r} α={a:g} → {a / r:g}" for r, a in pairs)
-        what = f"lora_alpha is fixed at {alphas[0]:g}" if len(alphas) == 1 else "lora_alpha is not proportional to r"
-        out.append(Finding(
-            "alpha_trap", "warning",
-            f"{what} while r varies ({_group_text(group)}), without rsLoRA: the scale alpha/r runs {table}, so each "
-            "rank trained at a different effective learning rate and the rank comparison is confounded (seed: "
-            "\"Alpha/Rank Ratio Confusion\")",
-            {"group": list(group), "ranks": ranks, "pairs": [list(p) for p in pairs]},
-            advice="set lora_alpha = r (or 2r) for every rank, or enable rsLoRA, and rerun the sweep"))
-    return out
+    """The alpha rule (plan/alpha.py) over the sweep's rank series."""
+    traps = alpha_traps((m.group, m.r, m.lora_alpha, m.use_rslora)
+                        for m in runs if m.r is not None and m.lora_alpha is not None)
+    return [Finding("alpha_trap", "warning", AlphaTrap(t.group, t.pairs, _group_text(t.group)).message(),
+                    {"group": list(t.group), "ranks": t.ranks, "pairs": [list(p) for p in t.pairs]},
+                    advice=f"set {FIX} and rerun the sweep") for t in traps]
 
 
-def _noise(a: Run, b: Run, noise: float | None) -> float:
-    sems = [s for s in (a.eval_loss_sem, b.eval_loss_sem) if isinstance(s, int | float)]
-    combined = SEMS_APART * math.sqrt(sum(s * s for s in sems)) if sems else 0.0
-    return max(noise or 0.0, combined, NOISE_FLOOR * min(a.eval_loss, b.eval_loss))
-
-
-def rank_series(runs: list[Run], noise: float | None, trapped: set) -> list[Finding]:
+def rank_series(runs: list[Run], trapped: set) -> list[Finding]:
     """Within trials that differ only in r: lower ranks clearly worse than the best → underfit;
-    higher ranks clearly worse than the best → overfitting territory."""
+    higher ranks clearly worse than the best → overfitting territory. "Clearly worse" is the sweep's
+    noise rule (`ranking.compare`), the one its summary uses."""
     out = []
     for group, members in _groups(runs).items():
-        done = [m for m in members if m.status in (None, "completed") and m.eval_loss is not None
-                and math.isfinite(m.eval_loss)]
+        done = [m for m in members if m.result is not None and m.result.comparable]
         if len({m.r for m in done}) < 2:
             continue
-        best = min(done, key=lambda m: (m.eval_loss, m.r))
+        best = min(done, key=lambda m: (m.result.eval_loss, m.r))
         caveat = " (confounded: alpha/r differs across these ranks)" if group in trapped else ""
-        evidence = {"group": list(group), "best": best.name, "best_r": best.r, "best_eval_loss": best.eval_loss}
-        worse = [m for m in done if m.eval_loss - best.eval_loss > _noise(m, best, noise)]
+        evidence = {"group": list(group), "best": best.name, "best_r": best.r, "best_eval_loss": best.result.eval_loss}
+        noise = {m.name: compare(m.result, best.result) for m in done}
+        worse = [m for m in done if noise[m.name].worse]
         sides = [
             ([m for m in worse if m.r < best.r], "underfitting", "higher",
              f"r={best.r} reaches eval loss {best.eval_loss:.4g}; lower ranks are clearly worse", "",
@@ -635,8 +556,8 @@ def rank_series(runs: list[Run], noise: float | None, trapped: set) -> list[Find
         for side, kind, rank, said, tail, advice in sides:
             if not side:
                 continue
-            rows = ", ".join(f"r={m.r} {m.eval_loss:.4g} (+{m.eval_loss - best.eval_loss:.3g}, noise "
-                             f"±{_noise(m, best, noise):.2g})" for m in sorted(side, key=lambda m: m.r))
+            rows = ", ".join(f"r={m.r} {m.eval_loss:.4g} (+{noise[m.name].delta:.3g}, noise "
+                             f"±{noise[m.name].noise:.2g})" for m in sorted(side, key=lambda m: m.r))
             out.append(Finding(
                 kind, "warning", f"{_group_text(group)}: {said}: {rows}{tail}{caveat}",
                 {**evidence, "worse": [{"name": m.name, "r": m.r, "eval_loss": m.eval_loss} for m in side]},

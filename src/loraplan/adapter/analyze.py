@@ -4,7 +4,7 @@ directions it really uses, which modules moved, and how two adapters' subspaces 
 Never the dense d×k matrix: with B = Q_B R_B and Aᵀ = Q_A R_A (orthogonal × r×r),
 ΔW = scaling · Q_B (R_B R_Aᵀ) Q_Aᵀ, so the SVD of the r×r core gives ΔW's singular values and,
 through Q_B and Q_A, its singular vectors. The factors come from r×r Gram matrices (one matrix
-product each), so an 8B all-linear r=64 adapter takes seconds on a CPU.
+product each), so the work per weight grows with (d + k)·r², never with d·k: a CPU is enough.
 
 Per weight (per expert for MoE expert parameters):
 - energy rank at p: the smallest k with Σ_{i≤k} σ_i² ≥ p·Σ σ_i² (the rank a truncation to p of

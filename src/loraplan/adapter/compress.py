@@ -4,7 +4,7 @@ The same truncation as PEFT's `convert_to_lora` (peft/tuners/lora/conversion.py,
 top k singular triplets of each ΔW, k fixed (`rank`) or the smallest k holding a share of Σσ²
 (`energy`, its threshold rule). `convert_to_lora` needs the base model loaded with the adapter and
 takes a dense SVD of every ΔW; here the adapter file alone is enough (analysis.delta_svd works on
-the r×r core), so a 7B adapter compresses in seconds without the base.
+the r×r core), so the base model is never loaded.
 
 Scale: each weight keeps its scaling s (alpha/r, or alpha/sqrt(r) with rsLoRA), so the new alpha is
 s·k (s·sqrt(k)). `convert_to_lora` instead folds s into the weights and writes alpha = r (s = 1);

@@ -268,7 +268,7 @@ def _parse(tensors: dict, config: dict, folder: Path, structure: ModelStructure 
         entry[match["part"].replace("lora_embedding_", "lora_")] = (tensor, key[:match.start("part") - 1])
         entry["embedding"] = entry.get("embedding", False) or match["part"].startswith("lora_embedding")
     params = _parameter_targets(config)
-    names = _param_names(parts, params, structure)
+    names = _param_names(parts, params, structure, config.get("target_modules"))
     weights = []
     r_default, alpha_default = int(config["r"]), float(config.get("lora_alpha") or PEFT_DEFAULT_ALPHA)
     for (module, depth), entry in sorted(parts.items()):
@@ -309,9 +309,13 @@ def _parameter_targets(config: dict) -> list[str]:
     return [targets] if isinstance(targets, str) else list(targets)
 
 
-def _param_names(parts: dict, targets: list[str], structure: ModelStructure | None
+def _param_names(parts: dict, targets: list[str], structure: ModelStructure | None, target_modules=None
                  ) -> dict[tuple[str, int], tuple[str, bool]]:
-    """The parameter each lora.ParamWrapper adapts: (stored module, depth) -> (PEFT key, certain)."""
+    """The parameter each lora.ParamWrapper adapts: (stored module, depth) -> (PEFT key, certain).
+
+    PEFT adapts `<module>.<param>` when it equals a target or ends with "." + the target
+    (tuners_utils.BaseTuner._inject_parameters), so a bare name (`down_proj`, as PEFT's own
+    `all-linear` conversion saves it) reaches every module with that parameter."""
     if not targets:
         return {}
     depths: dict[str, list[int]] = {}
@@ -320,27 +324,44 @@ def _param_names(parts: dict, targets: list[str], structure: ModelStructure | No
     out = {}
     for module, found in depths.items():
         name = module.removeprefix(PREFIX)
-        candidates = []
-        for target in targets:
-            owner, _, param = target.rpartition(".")
-            if owner and (name == owner or name.endswith("." + owner)) and param not in candidates:
-                candidates.append(param)
-        if not candidates:
-            continue
-        certain = len(candidates) == 1 and len(found) == 1
         if structure is not None:
-            # the base's registration order is PEFT's nesting order
-            present = [m.leaf for m in structure.modules if m.is_parameter and m.module_name == name]
-            ordered = [p for p in present if p in candidates]
-            if len(ordered) == len(found):
-                candidates, certain = ordered, True
-        elif len(candidates) > 1:
+            # the base says which parameters the module has; its registration order is PEFT's nesting
+            candidates = [m.leaf for m in structure.modules if m.is_parameter and m.module_name == name
+                          and _parameter_matches(m.name, targets)]
+            certain = len(candidates) == len(found)
+        else:
+            qualified, bare = [], []
+            for target in targets:
+                owner, _, param = target.rpartition(".")
+                if not owner:
+                    bare.append(param)
+                elif (name == owner or name.endswith("." + owner)) and param not in qualified:
+                    qualified.append(param)
+            candidates = qualified or ([] if len(found) == 1 and _is_module_target(name, target_modules)
+                                       else list(dict.fromkeys(bare)))
             # transformers registers the input projections (gate_up_proj, w1, w3) before down_proj / w2
             candidates.sort(key=lambda p: "down" in p or p == "w2")
+            certain = len(candidates) == 1 and len(found) == 1
+        if not candidates:
+            continue
         for i, depth in enumerate(sorted(found, reverse=True)):
             param = candidates[i] if i < len(candidates) else f"param{i}"
             out[(module, depth)] = (f"{name}.{param}", certain)
     return out
+
+
+def _parameter_matches(key: str, targets: list[str]) -> bool:
+    return any(key == t or key.endswith("." + t) for t in targets)
+
+
+def _is_module_target(name: str, target_modules) -> bool:
+    """Whether PEFT's `target_modules` selects the module (check_target_module_exists): a string is a
+    regex matched in full, a list matches a name or a name's end."""
+    if not target_modules:
+        return False
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
 def _with_roles(weights: list[AdaptedWeight], structure: ModelStructure | None) -> list[AdaptedWeight]:
@@ -352,7 +373,7 @@ def _with_roles(weights: list[AdaptedWeight], structure: ModelStructure | None) 
         if info is not None:
             role, guess = info.role, info.guess
         else:
-            role, guess = role_of(_module_info(w), stand_in)
+            role, guess = role_of(_module_info(w), stand_in)[:2]  # (role, guess[, block])
         out.append(replace(w, role=role, guess=guess))
     return out
 

@@ -16,11 +16,9 @@ operation on the same tensors. A layer that gradient checkpointing recomputes sa
 (its own hooks are innermost), so it is unaffected.
 
 Used by the probe (probing/passes.py), whose passes run forward and backward over long batches while its
-statistics take most of the memory. Measured on the H100 (benchmarks/probe/saved_tensors.py), 8
-batches' forward and backward above the weights, one fold's gradients included: Llama-3.1-8B 34.69
--> 27.34 GiB, 3% slower; Llama-3.2-1B 9.15 -> 7.11 GiB, 23% slower (0.13 s: its short passes leave
-the host setting the pace, and the hooks are Python). Recomputing the norms' outputs too (q/k/v and
-gate/up keep them) saved 1.6 GiB more at 8B but cost more time than recomputing layers does.
+statistics take most of the memory. The hooks are Python, so they cost most where the passes are
+short and the host sets the pace (small models). What they save and cost, and why the norms' outputs
+are not recomputed too, is measured by benchmarks/probe/saved_tensors.py (benchmarks/probe/RESULTS.md).
 """
 
 from __future__ import annotations

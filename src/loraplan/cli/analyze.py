@@ -13,7 +13,8 @@ examples:
 from __future__ import annotations
 
 from ..plan.count import human_count
-from .render import add_trust_and_json_arguments, emit_json, table
+from .options import add_json, add_trust_remote_code
+from .render import emit_json, table
 
 
 def register(parser):
@@ -24,7 +25,8 @@ def register(parser):
     parser.add_argument("--compare", default=None, metavar="OTHER_ADAPTER",
                         help="a second adapter of the same base: subspace similarity per weight")
     parser.add_argument("--all", action="store_true", help="also list every adapted weight")
-    add_trust_and_json_arguments(parser, "the base model's")
+    add_trust_remote_code(parser, "the base model's")
+    add_json(parser)
 
 
 def run(args) -> int:

@@ -11,11 +11,10 @@ examples:
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 
 from ..plan.count import human_bytes, human_count
-from .count import positive_int
+from .options import add_json, positive_int, share
 from .render import emit_json, table
 
 
@@ -23,22 +22,11 @@ def register(parser):
     parser.add_argument("adapter", metavar="ADAPTER", help="a PEFT adapter folder or a loraplan trial folder")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--rank", "-r", type=positive_int, default=None, help="the new rank of every weight")
-    target.add_argument("--energy", type=_share, default=None,
+    target.add_argument("--energy", type=share, default=None,
                         help="keep this share of each ΔW's squared Frobenius norm, e.g. 0.9 (a rank per weight)")
     parser.add_argument("--out", "-o", required=True, metavar="DIR", help="the folder for the new adapter")
     parser.add_argument("--overwrite", action="store_true", help="replace the adapter already in --out")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _share(text: str) -> float:
-    """argparse type: an ArgumentTypeError keeps its message (a ValueError would not)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got '{text}' (e.g. 0.9)") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}: a share such as 0.9, not a percentage")
-    return value
+    add_json(parser)
 
 
 def run(args) -> int:

@@ -10,12 +10,13 @@ examples:
 from __future__ import annotations
 
 from ..errors import RunError
+from .options import add_json
 from .render import emit_json, table
 
 
 def register(parser):
     parser.add_argument("--out", default="loraplan-demo", help="where to write the task and the sweep (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="machine-readable summary; no progress bars")
+    add_json(parser, "machine-readable summary; no progress bars")
 
 
 def run(args) -> int:
@@ -33,13 +34,13 @@ def run(args) -> int:
         print(table(RESULT_HEADERS, result_rows(sweep.results, sweep.summary), "llrrllrlllrrrl"))
         print()
         task = result.task
-        print(f"recommended: {sweep.summary.get('recommended')} — {sweep.summary.get('reason')}")
+        print(f"recommended: {sweep.summary.recommended} — {sweep.summary.reason}")
         print(f"4/4 check: planted rank {task.spec.rank} in {', '.join(task.roles)}; the recommended config "
               f"{'covers' if result.found_modules else 'MISSES'} those modules at "
               f"{'a sufficient' if result.found_rank else 'too low a'} rank "
               f"({'recovered' if result.recovered else 'NOT recovered'}); teacher's loss {task.ideal_eval_loss:.4f}")
         print(f"next: open {sweep.out}/report.html · loraplan analyze {sweep.out}/trials/"
-              f"{sweep.summary.get('recommended')}/adapter · loraplan diagnose {sweep.out}")
+              f"{sweep.summary.recommended}/adapter · loraplan diagnose {sweep.out}")
     if not result.recovered:
         raise RunError("the sweep did not recover the planted modules and rank",
                        f"see {sweep.out}/summary.md")

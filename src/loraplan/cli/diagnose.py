@@ -15,6 +15,7 @@ examples:
 
 from __future__ import annotations
 
+from .options import add_json
 from .render import emit_json, table
 
 _ARROW = {"lower": "→ lower r", "higher": "→ raise r"}
@@ -22,7 +23,7 @@ _ARROW = {"lower": "→ lower r", "higher": "→ raise r"}
 
 def register(parser):
     parser.add_argument("run", metavar="RUN", help="a sweep folder, a trial folder, or a trainer_state.json")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(parser)
 
 
 def run(args) -> int:
@@ -52,6 +53,8 @@ def run(args) -> int:
         print(f"[{f.severity}] {f.kind.replace('_', ' ')}{arrow} · {where}{f.message}")
         if f.advice:
             print(f"    fix: {f.advice}")
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 

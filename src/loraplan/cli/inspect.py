@@ -9,7 +9,8 @@ examples:
 from __future__ import annotations
 
 from ..plan.count import human_count
-from .render import add_model_arguments, emit_json, table
+from .options import add_model_arguments
+from .render import emit_json, table
 
 
 def register(parser):

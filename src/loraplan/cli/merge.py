@@ -11,7 +11,8 @@ examples:
 
 from __future__ import annotations
 
-from .render import add_trust_and_json_arguments, emit_json
+from .options import add_json, add_trust_remote_code
+from .render import emit_json
 
 
 def register(parser):
@@ -23,7 +24,8 @@ def register(parser):
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype of the merged model (default: the base checkpoint's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    add_trust_and_json_arguments(parser, "the model's")
+    add_trust_remote_code(parser, "the model's")
+    add_json(parser)
 
 
 def run(args) -> int:

@@ -10,7 +10,7 @@ examples:
 
 from __future__ import annotations
 
-from .count import positive_float, positive_int
+from .options import add_json, positive_float, positive_int
 from .render import emit_json
 
 
@@ -28,7 +28,7 @@ def register(parser):
     parser.add_argument("--eval-examples", type=positive_int, default=256)
     parser.add_argument("--seq-len", type=positive_int, default=48)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
+    add_json(parser)
 
 
 def run(args) -> int:

@@ -15,8 +15,8 @@ examples:
 from __future__ import annotations
 
 from ..files import write_json
-from .count import positive_int
-from .render import add_model_arguments, emit_json, table
+from .options import add_model_arguments, positive_int, size
+from .render import emit_json, table
 
 
 def register(parser):
@@ -28,20 +28,24 @@ def register(parser):
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--max-length", type=positive_int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-memory", metavar="SIZE", default=None,
+    parser.add_argument("--max-memory", metavar="SIZE", type=size, default=None,
                         help="cap the GPU memory the probe plans for, weights included, e.g. 40GB (default: 90%% of "
                              "what is free; less memory means more layers recomputed or more passes, not an error)")
     parser.add_argument("--out", help="also write the result as JSON (a sweep folder reads it as probe.json)")
 
 
 def run(args) -> int:
-    from ..plan.memory import parse_size
+    import os
+
+    # before CUDA starts (read then): the allocator grows segments instead of cutting new ones, so its
+    # cache does not fragment. Measured on the H100 (8B): batches that ran out of memory with 4.45 GiB
+    # cached in unusable pieces fit with it, at the same speed. A user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from ..probing.probe import probe
 
-    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     result = probe(args.model, args.data, targets=args.targets, batches=args.batches, batch_size=args.batch_size,
                    max_length=args.max_length, fmt=args.format, seed=args.seed,
-                   trust_remote_code=args.trust_remote_code, progress=not args.json, max_memory=max_memory)
+                   trust_remote_code=args.trust_remote_code, progress=not args.json, max_memory=args.max_memory)
     data = result.to_json()
     if args.out:
         write_json(args.out, data)

@@ -16,8 +16,6 @@ examples:
 
 from __future__ import annotations
 
-import argparse
-import re
 import shlex
 import shutil
 import sys
@@ -25,48 +23,28 @@ import textwrap
 
 from ..errors import UsageError
 from ..plan.export import FORMATS
+from .options import add_model_arguments, examples_count, positive_int, size, size_text
 from .render import emit_json, table
 
 
-def examples_count(text: str) -> int:
-    """`5000`, `5_000`, `50,000`, `5k`, `1.2M` -> an int. (argparse turns ArgumentTypeError into one
-    `error: argument --examples: …` line.)"""
-    match = re.fullmatch(r"\s*(-?[\d_,]*\.?\d+)\s*([kKmM]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a number of training examples such as 5000 or 5k, got '{text}'")
-    scale = {"": 1, "k": 1e3, "m": 1e6}[match.group(2).lower()]
-    value = float(match.group(1).replace(",", "").replace("_", "")) * scale
-    if value <= 0 or not value.is_integer():
-        raise argparse.ArgumentTypeError(f"expected a positive whole number of training examples, got '{text}'")
-    return int(value)
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return value
-
-
 def register(parser):
-    parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                        help="optional: a model folder, config.json, Hub id or builtin:NAME (names and sizing)")
+    add_model_arguments(parser, "optional: a model folder, config.json, Hub id or builtin:NAME (names and sizing)",
+                        optional=True, json_help="the same as --format json")
     parser.add_argument("--task", required=True, metavar="TASK", help="format_only, instruction_following (chat), "
                         "domain_adaptation, code, complex_domain, multitask")
     parser.add_argument("--examples", "-n", required=True, type=examples_count, metavar="N",
                         help="training examples in your data set (5000, 50k)")
     parser.add_argument("--complexity", default=None, help="low, medium or high (default medium)")
     parser.add_argument("--new-tokens", action="store_true",
-                        help="you add tokens to the vocabulary: also adapt the embeddings and lm_head")
+                        help="you add tokens to the vocabulary: also train the embeddings and lm_head (in full: "
+                             "modules_to_save)")
     parser.add_argument("--dora", action="store_true", help="DoRA at half the rank")
     parser.add_argument("--no-loraplus", dest="loraplus", action="store_false", help="leave LoRA+ (ratio 16) out")
     memory = parser.add_argument_group("memory (needs MODEL, --batch-size and --seq-len)")
-    memory.add_argument("--gpu-memory", default=None, metavar="SIZE", help="GPU memory to fit in, e.g. 24GiB or 80GB")
-    memory.add_argument("--batch-size", type=positive, default=None, help="micro-batch size")
-    memory.add_argument("--seq-len", type=positive, default=None, help="tokens per sequence")
+    memory.add_argument("--gpu-memory", type=size, default=None, metavar="SIZE",
+                        help="GPU memory to fit in, e.g. 24GiB or 80GB")
+    memory.add_argument("--batch-size", type=positive_int, default=None, help="micro-batch size")
+    memory.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence")
     memory.add_argument("--quant", choices=["4bit", "8bit"], default=None,
                         help="a quantized base (QLoRA: 4bit); also written into the exports")
     memory.add_argument("--grad-ckpt", action="store_true", help="with gradient checkpointing")
@@ -75,13 +53,10 @@ def register(parser):
     parser.add_argument("--format", "-f", choices=("text", "json") + FORMATS, default=None, metavar="FORMAT",
                         help="text (default), json, peft (Python), peft-json (LoraConfig(**json)), axolotl, "
                              "llamafactory, torchtune")
-    parser.add_argument("--json", action="store_true", help="the same as --format json")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a model's own code (off by default: read the code first)")
 
 
 def run(args) -> int:
-    from ..plan.export import export_plan
+    from ..plan.export import export_plan, unsaid
     from ..plan.recommend import TASK_ALIASES, TASKS, make_recommendation
 
     fmt = _format(args)
@@ -98,12 +73,18 @@ def run(args) -> int:
     elif fmt == "text":
         _print_text(result)
     else:
-        notes = [warning] if warning else []
+        notes = [r.text for r in result.plan.reasons if r.choice in FILE_NOTES]
         sys.stdout.write(export_plan(result.plan, fmt, result.structure, command=_command(args, fmt),
-                                     quant=args.quant, notes=notes))
+                                     quant=args.quant, notes=notes, warnings=[warning] if warning else []))
+        for note in unsaid(result.plan, fmt, notes):
+            print(f"note: {note}", file=sys.stderr)
     if warning and fmt != "text":
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+# Reasons that a tool's file must carry, not only the text output: what to do for new tokens.
+FILE_NOTES = ("new_tokens",)
 
 
 def _format(args) -> str:
@@ -126,7 +107,8 @@ def _command(args, fmt: str) -> str:
         parts += ["--complexity", args.complexity]
     parts += [flag for flag, on in (("--new-tokens", args.new_tokens), ("--dora", args.dora),
                                     ("--no-loraplus", not args.loraplus)) if on]
-    for flag, value in (("--gpu-memory", args.gpu_memory), ("--batch-size", args.batch_size),
+    gpu = size_text(args.gpu_memory) if args.gpu_memory is not None else None
+    for flag, value in (("--gpu-memory", gpu), ("--batch-size", args.batch_size),
                         ("--seq-len", args.seq_len), ("--quant", args.quant)):
         if value is not None:
             parts += [flag, str(value)]
@@ -158,19 +140,21 @@ def _print_text(result) -> None:
             ["use_rslora", _yes(plan.use_rslora)], ["use_dora", _yes(plan.use_dora)],
             ["loraplus_lr_ratio", f"{plan.loraplus_lr_ratio:g}" if plan.loraplus_lr_ratio else "off"],
             ["lora_dropout", cfg["lora_dropout"]], ["bias", plan.bias], ["task_type", plan.task_type]]
+    if cfg.get("modules_to_save"):
+        rows.insert(1, ["modules_to_save", ", ".join(cfg["modules_to_save"])])
     print(table(["setting", "value"], rows))
     print()
     width = max(60, shutil.get_terminal_size((110, 24)).columns - 1)
     print("why")
     for r in plan.reasons:
-        if r.choice not in ("quadrant", "note", "size", "memory"):
+        if r.choice not in ("quadrant", "note", "size", "memory") + FILE_NOTES:
             print(_wrapped(f"  {r.choice:<18} ", r.text, width))
     sized = [r for r in plan.reasons if r.choice in ("size", "memory")]
     if sized:
         print()
         for r in sized:
             print(_wrapped(f"{r.choice}: ", r.text, width))
-    notes = [r for r in plan.reasons if r.choice == "note"]
+    notes = [r for r in plan.reasons if r.choice in ("note",) + FILE_NOTES]
     if notes:
         print()
         for r in notes:

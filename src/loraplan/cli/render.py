@@ -1,4 +1,4 @@
-"""Plain-text tables and JSON output shared by the commands."""
+"""Plain-text tables and JSON output shared by the commands (their flags: options.py)."""
 
 from __future__ import annotations
 
@@ -29,14 +29,3 @@ def num(n: int | float) -> str:
 def emit_json(data) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
-
-
-def add_model_arguments(parser, model_help: str = "a model folder, config.json, Hub id or builtin:NAME"):
-    parser.add_argument("model", metavar="MODEL", help=model_help)
-    add_trust_and_json_arguments(parser)
-
-
-def add_trust_and_json_arguments(parser, whose: str = "a model's"):
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help=f"allow {whose} own code (off by default: read the code first)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")

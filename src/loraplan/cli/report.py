@@ -12,6 +12,7 @@ examples:
 
 from __future__ import annotations
 
+from .options import add_json
 from .render import emit_json
 
 
@@ -19,30 +20,29 @@ def register(parser):
     parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the folder `loraplan sweep --out` wrote")
     parser.add_argument("--out", "-o", default=None,
                         help="the HTML file to write (default: SWEEP_DIR/report.html); PNGs go to plots/ beside it")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(parser)
 
 
 def run(args) -> int:
-    from ..sweeps.report import read_sweep, write_report
+    from ..sweeps.folder import read_sweep
+    from ..sweeps.report import write_report
 
     sweep = read_sweep(args.sweep_dir)
-    out, images = write_report(sweep, args.out)
-    s = sweep.summary
+    written = write_report(sweep, args.out)
+    out, images, s = written.page, written.images, written.summary
     if args.json:
         emit_json({"report": str(out), "plots": {k: str(v) for k, v in images.items()},
-                   "trials": {t.name: t.status for t in sweep.trials}, "ranking": s.get("ranking"),
-                   "best": s.get("best"), "recommended": s.get("recommended"), "noise": s.get("noise"),
-                   "reason": s.get("reason"), "summary_source": sweep.summary_source, "notes": sweep.notes})
+                   "trials": {t.name: t.status.value for t in sweep.trials}, "ranking": s.ranking,
+                   "best": s.best, "recommended": s.recommended, "noise": s.noise,
+                   "reason": s.reason, "summary_source": written.summary_source, "notes": sweep.notes})
         return 0
-    counts: dict[str, int] = {}
-    for t in sweep.trials:
-        counts[t.status] = counts.get(t.status, 0) + 1
-    print(f"wrote {out} ({len(sweep.trials)} trials: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")")
+    print(f"wrote {out} ({len(sweep.trials)} trials: " + ", ".join(f"{n} {k}" for k, n in sweep.counts().items())
+          + ")")
     print(f"plots in {out.parent / 'plots'}: " + ", ".join(p.name for p in images.values()))
-    if s.get("recommended"):
-        print(f"recommended {s['recommended']}: {s.get('reason')}")
+    if s.recommended:
+        print(f"recommended {s.recommended}: {s.reason}")
     else:
-        print(f"no recommendation: {s.get('reason')}")
+        print(f"no recommendation: {s.reason}")
     for note in sweep.notes:
         print(f"note: {note}")
     return 0

@@ -14,52 +14,44 @@ examples:
 from __future__ import annotations
 
 from ..errors import RunError
-from .count import positive_float, positive_int
+from .options import add_json, add_model_argument, add_schema_flags, schema_overrides
 from .render import emit_json, table
+
+# flag -> spec key: each flag's type, help and default come from the key's Field in sweeps/spec.py.
+SPEC_FLAGS = {
+    "--data": "data.train", "--eval": "data.eval", "--format": "data.format", "--max-length": "data.max_length",
+    "--max-examples": "data.max_examples", "--max-steps": "training.max_steps",
+    "--batch-size": "training.batch_size", "--micro-batch-size": "training.micro_batch_size",
+    "--lr": "training.learning_rate", "--eval-every": "training.eval_every", "--seed": "training.seed",
+    "--grad-ckpt": "training.grad_ckpt", "--quant": "training.quantization", "--engine": "training.engine",
+    "--halving": "halving.enabled",
+    "--trust-remote-code": "trust_remote_code",
+}
 
 
 def register(parser):
-    parser.add_argument("model", metavar="MODEL", nargs="?", help="a model folder or Hub id (or `model:` in --config)")
-    parser.add_argument("--data", help="training data: .jsonl/.json/.csv/.parquet or a Hub dataset id")
-    parser.add_argument("--eval", help="eval data (default: a held-out 10%% of --data, fixed seed)")
-    parser.add_argument("--config", help="a sweep spec (YAML); flags override it")
+    from ..sweeps.spec import GridSpec, SweepSpec
+
+    add_model_argument(parser, "a model folder or Hub id (or `model:` in --config)", optional=True)
+    parser.add_argument("--config", help="a sweep spec (YAML, keys in docs/sweep.md); flags override it")
     parser.add_argument("--from-probe", metavar="PROBE_JSON",
                         help="a grid around `loraplan probe --out` 's plan: its targets and all-linear × r/2, r, 2r")
     parser.add_argument("--from", dest="from_file", metavar="FILE",
                         help="add your existing config as a trial: a PEFT adapter_config.json (or adapter folder), "
                              "an axolotl or LLaMA-Factory YAML")
     parser.add_argument("--out", required=True, help="the sweep directory (the ledger); reuse it to resume")
-    parser.add_argument("--format", choices=["auto", "text", "prompt_completion", "alpaca", "chat"], default=None)
-    parser.add_argument("--max-length", type=positive_int, default=None, help="tokens per example (default 512)")
-    parser.add_argument("--max-examples", type=positive_int, default=None, help="use only the first N training rows")
-    parser.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps per trial (default 100)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="examples per step (default 8)")
-    parser.add_argument("--micro-batch-size", type=positive_int, default=None, help="examples per forward pass")
-    parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 2e-4)")
-    parser.add_argument("--eval-every", type=positive_int, default=None, help="steps between evals (default 25)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--grad-ckpt", action="store_true", default=None, help="gradient checkpointing")
-    parser.add_argument("--quant", choices=["4bit", "8bit"], default=None, help="QLoRA (bitsandbytes, CUDA)")
+    add_schema_flags(parser, SweepSpec, SPEC_FLAGS)
     parser.add_argument("--grid", default=None,
-                        help='e.g. "targets=qv;attention;attention,mlp r=8,16 alpha=r rslora=false dora=false,true"')
-    parser.add_argument("--halving", action="store_true", default=None,
-                        help="successive halving: stop the worst half of the trials at each rung")
+                        help=f"the grid as KEY=VALUES ({', '.join(GridSpec.model_fields)}), e.g. "
+                             '"targets=qv;attention;attention,mlp r=8,16 alpha=r rslora=false dora=false,true"')
     parser.add_argument("--dry-run", action="store_true", help="list the trials with params and memory; train nothing")
-    parser.add_argument("--trust-remote-code", action="store_true", default=None)
-    parser.add_argument("--json", action="store_true", help="machine-readable summary; no progress bars")
+    add_json(parser, "machine-readable summary; no progress bars")
 
 
 def overrides_from_args(args) -> dict:
     from ..sweeps.spec import parse_grid_flag
 
-    out = {
-        "data.format": args.format, "data.max_length": args.max_length, "data.max_examples": args.max_examples,
-        "training.max_steps": args.max_steps, "training.batch_size": args.batch_size,
-        "training.micro_batch_size": args.micro_batch_size, "training.learning_rate": args.lr,
-        "training.eval_every": args.eval_every, "training.seed": args.seed, "training.grad_ckpt": args.grad_ckpt,
-        "training.quantization": args.quant, "halving.enabled": args.halving,
-        "trust_remote_code": args.trust_remote_code,
-    }
+    out = schema_overrides(args)
     if args.grid:
         out["grid"] = parse_grid_flag(args.grid)
     return out
@@ -67,9 +59,10 @@ def overrides_from_args(args) -> dict:
 
 def run(args) -> int:
     from ..plan.count import human_bytes, human_count
+    from ..sweeps.folder import TrialStatus
     from ..sweeps.runner import RESULT_HEADERS, result_rows, sweep
 
-    result = sweep(args.model, args.data, eval=args.eval, config=args.config, out=args.out,
+    result = sweep(args.model, config=args.config, out=args.out,
                    overrides=overrides_from_args(args), from_file=args.from_file, from_probe=args.from_probe,
                    dry_run=args.dry_run,
                    progress=not args.json)
@@ -94,11 +87,11 @@ def run(args) -> int:
     print(table(RESULT_HEADERS, result_rows(result.results, result.summary), "llrrllrlllrrrl"))
     print()
     s = result.summary
-    if s.get("recommended"):
-        print(f"recommended: {s['recommended']} — {s['reason']}")
+    if s.recommended:
+        print(f"recommended: {s.recommended} — {s.reason}")
     else:
-        print(f"no recommendation: {s.get('reason')}")
+        print(f"no recommendation: {s.reason}")
     print(f"ledger: {result.out}/ (summary.md, results.csv, trials/*/adapter)")
-    if not any(r.get("status") == "completed" for r in result.results):
+    if not any(r.status is TrialStatus.COMPLETED for r in result.results):
         raise RunError("no trial completed", "see summary.md and trials/*/result.json (error.txt for failures)")
     return 0

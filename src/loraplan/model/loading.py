@@ -80,10 +80,14 @@ def _hub_config(model_id: str, revision: str | None) -> dict:
 
 
 def make_config(raw: dict, folder: Path | None = None, trust_remote_code: bool = False):
-    """A transformers config object from a raw config dict."""
-    from transformers import AutoConfig
+    """A transformers config object from a raw config dict, read as transformers reads config.json
+    (`from_pretrained`): its special floats too, which transformers 5 writes as
+    `{"__float__": "Infinity"}` (Mamba-2's time_step_limit)."""
+    from transformers import AutoConfig, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)  # transformers >= 5
+    raw = decode(raw) if decode is not None else raw
     model_type = raw.get("model_type")
     if model_type in CONFIG_MAPPING:
         data = {k: v for k, v in raw.items() if k != "model_type"}

@@ -2,10 +2,11 @@
 
 `ModelStructure` lists every adaptable weight (`ModuleInfo`: Linear, transformers Conv1D,
 Embedding, Conv, and the raw parameters PEFT reaches through `target_parameters`, such as fused
-MoE experts), every named module (PEFT matches `target_modules` against all of them, containers
-included), every unique parameter and the tied ones. It is plain data: counting, target
-resolution and the memory estimate never import torch. Building it imports transformers once; the
-result is cached as JSON keyed by the config and the transformers version.
+MoE experts), every named module with its class (PEFT matches `target_modules` against all of them,
+containers included, and refuses those it cannot wrap), every unique parameter and the tied ones,
+and PEFT's own answers for the model (peft_facts.py). It is plain data: counting, target
+resolution and the memory estimate never import torch. Building it imports transformers and PEFT
+once; the result is cached as JSON keyed by the config and the transformers and PEFT versions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..files import write_json
 
-STRUCTURE_FORMAT = 1
+STRUCTURE_FORMAT = 2
 
 # PEFT's own rule for the layer index of a key when `layers_pattern` is unset
 # (peft.tuners.tuners_utils.check_target_module_exists): the first numbered segment.
@@ -42,8 +43,10 @@ class ModuleInfo:
     experts: int = 1  # leading dimension of a 3-D parameter (fused MoE experts)
     kernel: int = 1  # product of a convolution's kernel sizes
     bias: int = 0  # numel of the module's bias (0 when it has none)
+    groups: int = 1  # a convolution's groups (PEFT's lora_B is grouped too)
     role: str = "other"
     guess: str | None = None  # for role "other": what the path suggests
+    block: str | None = None  # attention | mlp | ssm: what the groups of the same names select
 
     @property
     def is_parameter(self) -> bool:
@@ -59,7 +62,9 @@ class ModuleInfo:
 
     @property
     def pattern(self) -> str:
-        return pattern_of(self.name)
+        """`model.layers.*.mlp.up_proj`; a numbered leaf stays (CTRL's `ffn.0` and `ffn.2` differ)."""
+        head, _, leaf = self.name.rpartition(".")
+        return f"{pattern_of(head)}.{leaf}" if head and leaf.isdigit() else pattern_of(self.name)
 
     @property
     def layer(self) -> int | None:
@@ -91,6 +96,10 @@ class ModelStructure:
     # PEFT's transformers-v5 rewrite of v4 MoE target names for this model type, if any:
     # {"renames": {"gate_proj": "gate_up_proj", ...}, "fused": {"gate_up_proj": ["gate_proj", "up_proj"]}}
     moe_renames: dict | None = None
+    module_classes: dict[str, str] = field(default_factory=dict, repr=False)  # module name -> class
+    # what the installed PEFT does on this model (peft_facts.ask_peft): its all-linear, the names
+    # it refuses, what its ParamWrapper refuses
+    peft: dict = field(default_factory=dict, repr=False)
 
     @property
     def total_params(self) -> int:
@@ -125,13 +134,14 @@ class ModelStructure:
             "input_embeddings": self.input_embeddings,
             "output_embeddings": self.output_embeddings,
             "tied": self.tied,
-            "module_names": _group(self.module_names, lambda n: None),
+            "module_names": _group(self.module_names, lambda n: self.module_classes.get(n)),
             "params": _group(list(self.params), lambda n: self.params[n]),
             "adaptable": _group(
                 [m.name for m in self.modules],
                 lambda n: _module_fields(self.by_name[n]),
             ),
             "moe_renames": self.moe_renames,
+            "peft": _peft_to_json(self.peft),
             "config": self.config,
         }
 
@@ -158,13 +168,34 @@ class ModelStructure:
             transformers_version=data["transformers"],
             source=source,
             moe_renames=data.get("moe_renames"),
+            module_classes={n: c for n, c in names if c},
+            peft=_peft_from_json(data["peft"]),
         )
         structure.modules = assign_roles(structure)
         return structure
 
 
+def _peft_to_json(peft: dict) -> dict:
+    """A 405B model's all-linear is ~900 full names: stored grouped by pattern like the rest."""
+    if not peft:
+        return peft
+    linear = dict(peft["all_linear"])
+    if isinstance(linear["target_modules"], list):
+        linear["target_modules"] = _group(linear["target_modules"], lambda n: None)
+    return {**peft, "all_linear": linear}
+
+
+def _peft_from_json(data: dict) -> dict:
+    if not data:
+        return data
+    linear = dict(data["all_linear"])
+    if isinstance(linear["target_modules"], list):
+        linear["target_modules"] = [n for n, _ in _ungroup_values(linear["target_modules"])]
+    return {**data, "all_linear": linear}
+
+
 def _module_fields(m: ModuleInfo) -> list:
-    return [m.cls, m.kind, m.in_features, m.out_features, m.experts, m.kernel, m.bias]
+    return [m.cls, m.kind, m.in_features, m.out_features, m.experts, m.kernel, m.bias, m.groups]
 
 
 def pattern_of(name: str) -> str:
@@ -213,9 +244,11 @@ def transformers_version() -> str:
 
 
 def structure_key(config: dict, architecture: str | None) -> str:
+    from .peft_facts import peft_version
+
     blob = json.dumps(
         {"config": config, "architecture": architecture, "transformers": transformers_version(),
-         "format": STRUCTURE_FORMAT},
+         "peft": peft_version(), "format": STRUCTURE_FORMAT},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -299,12 +332,14 @@ def instantiate_on_meta(config, architecture: str | None = None, trust_remote_co
 
 
 def read_structure(model, source: str = "") -> ModelStructure:
-    """Read a structure off an instantiated model (meta or real weights)."""
+    """Read a structure off an instantiated model (meta or real weights; it is not changed)."""
+    from .peft_facts import ask_peft, peft_moe_renames
     from .roles import assign_roles
 
-    modules, names = [], []
+    modules, names, classes = [], [], {}
     for name, module in model.named_modules():
         names.append(name)
+        classes[name] = type(module).__name__
         modules.extend(_adaptable(name, module))
     params, tied, seen = {}, {}, {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -328,39 +363,11 @@ def read_structure(model, source: str = "") -> ModelStructure:
         transformers_version=transformers_version(),
         source=source,
         moe_renames=peft_moe_renames(getattr(config, "model_type", "")),
+        module_classes={n: c for n, c in classes.items() if n},
+        peft=ask_peft(model),
     )
     structure.modules = assign_roles(structure)
     return structure
-
-
-def peft_moe_renames(model_type: str) -> dict | None:
-    """PEFT's own table of v4 MoE names it rewrites on transformers v5 for this model type.
-
-    With transformers >= 5, `get_peft_model` rewrites target names such as `gate_proj`/`up_proj`/
-    `down_proj` (or Mixtral's `w1`/`w2`/`w3`) to the fused expert parameters, doubling rank and
-    alpha where two were fused (peft/utils/transformers_weight_conversion.py). Read from PEFT so
-    that loraplan follows the installed version.
-    """
-    try:
-        from peft.utils.transformers_weight_conversion import (
-            _MODEL_TO_CONVERSION_PATTERN,
-            _MOE_FUSED_TARGETS,
-            _MOE_TARGET_MODULE_MAPPING,
-            get_checkpoint_conversion_mapping,
-        )
-    except ImportError:  # transformers 4, or a PEFT without the conversion
-        return None
-    try:
-        if get_checkpoint_conversion_mapping(model_type) is None:
-            return None
-    except Exception:  # noqa: BLE001 - an unknown model type simply has no conversion
-        return None
-    base = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
-    renames = _MOE_TARGET_MODULE_MAPPING.get(base or "")
-    fused = _MOE_FUSED_TARGETS.get(base or "")
-    if not renames or not fused:
-        return None
-    return {"renames": dict(renames), "fused": {k: list(v) for k, v in fused.items()}}
 
 
 def _numel(p) -> int:
@@ -396,7 +403,7 @@ def _adaptable(name: str, module) -> list[ModuleInfo]:
         for k in module.kernel_size:
             kernel *= k
         return [ModuleInfo(name, cls, "conv", module.in_channels, module.out_channels,
-                           kernel=kernel, bias=bias_numel)]
+                           kernel=kernel, bias=bias_numel, groups=module.groups)]
     if _is_transformers_conv1d(module):
         in_features, out_features = module.weight.shape
         return [ModuleInfo(name, cls, "conv1d", int(in_features), int(out_features), bias=bias_numel)]

@@ -1,12 +1,15 @@
 """Exact trainable-parameter counts, equal to PEFT's `get_nb_trainable_parameters()`.
 
-Arithmetic on the module tree, never a PEFT wrap, so a 405B config counts in milliseconds.
+Arithmetic on the module tree, never a PEFT wrap or a weight, so any config counts at once on a CPU.
 Per adapted weight (peft/tuners/lora/layer.py):
 - Linear / Conv1D: A is r×in, B is out×r            -> r·(in + out)
 - Embedding: lora_embedding_A r×vocab, B dim×r       -> r·(vocab + dim)
-- Conv: A is r×in×kernel, B is out×r (1×1)           -> r·(in·kernel + out)
-- parameter (lora.ParamWrapper, MoE experts E×…):    -> r·E·(in + out)
+- Conv: A is r×in×kernel, B is out×(r/groups) (1×1)  -> r·in·kernel + out·r/groups
+- parameter (lora.ParamWrapper: MoE experts E×…, a router's weight): A is (r·E)×in, B is out×(r·E)
+                                                     -> r·E·(in + out)
 - DoRA adds a magnitude vector of `out` entries; `lora_bias` adds B's bias (`out`).
+What PEFT refuses (DoRA, dropout or lora_bias on a ParamWrapper, a rank not divisible by a grouped
+convolution's groups) is refused here with PEFT's own words.
 Besides LoRA: `bias="all"` trains every parameter whose name holds "bias", `"lora_only"` the biases
 of adapted layers; `modules_to_save` trains a full copy of each module (the original stays, so the
 total grows too). Total = the model's unique parameters (tied weights once) + everything added.
@@ -20,8 +23,9 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..model.structure import ModelStructure, ModuleInfo
-from ..model.targets import ResolvedTargets
-from .lora_plan import LoraPlan
+from ..model.targets import ResolvedTargets, frozen_moe_notes
+from .alpha import plan_traps
+from .lora_plan import LoraPlan, parameter_refusal
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -100,14 +104,14 @@ class CountResult:
 def lora_params_of(module: ModuleInfo, r: int, use_dora: bool = False, lora_bias: bool = False) -> tuple[int, int]:
     """(LoRA parameters, of which extra: DoRA magnitude + lora_bias) for one adapted weight."""
     if module.kind == "conv":
-        params = r * (module.in_features * module.kernel + module.out_features)
+        if r % module.groups:
+            raise UsageError(f"PEFT adapts {module.name} (groups={module.groups}) only at a rank divisible by "
+                             f"{module.groups}, not r={r}", "leave that convolution out of the targets")
+        params = r * module.in_features * module.kernel + module.out_features * r // module.groups
     else:
         params = r * module.experts * (module.in_features + module.out_features)
     extra = 0
-    if use_dora:
-        if module.is_parameter:
-            raise UsageError("PEFT cannot apply DoRA to MoE expert parameters (lora.ParamWrapper)",
-                             "leave `experts` out of the targets or turn DoRA off")
+    if use_dora and not module.is_parameter:
         extra += module.out_features
     if lora_bias and not module.is_parameter:
         extra += module.out_features
@@ -125,6 +129,7 @@ def rank_for(rank_pattern: dict[str, int], default: int, key: str) -> int:
 
 def count_plan(structure: ModelStructure, plan: LoraPlan) -> CountResult:
     resolved = plan.resolve(structure)
+    parameter_refusal(structure, plan, resolved)
     patterns: dict[str, list] = {}
     per_layer: dict[int | None, int] = {}
     lora_total = 0
@@ -156,7 +161,7 @@ def count_plan(structure: ModelStructure, plan: LoraPlan) -> CountResult:
         bias_params=_bias_params(structure, plan, resolved),
         saved_params=_saved_params(structure, plan),
         base_params=structure.total_params,
-        notes=list(resolved.notes),
+        notes=list(resolved.notes) + frozen_moe_notes(structure, resolved),
     )
 
 
@@ -202,7 +207,13 @@ def count(model, targets: str | Sequence[str] = "all-linear", rank: int = 8, alp
 
 
 def rank_table(structure: ModelStructure, plan: LoraPlan, ranks: Sequence[int]) -> list[CountResult]:
-    return [count_plan(structure, plan.replace(r=r)) for r in ranks]
+    """One count per rank; each carries the alpha rule's warning when alpha/r changes across them."""
+    results = [count_plan(structure, plan.replace(r=r)) for r in ranks]
+    warnings = [f"{trap.message()}; leave lora_alpha unset (no --alpha) for alpha = r, or use rsLoRA (--rslora)"
+                for trap in plan_traps(result.plan for result in results)]
+    for result in results:
+        result.notes.extend(warnings)
+    return results
 
 
 def human_bytes(n: float) -> str:

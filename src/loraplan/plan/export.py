@@ -5,6 +5,9 @@ Every output is meant to be pasted as is: the YAMLs start with a comment naming 
 command that made them, and a plan that a tool cannot express is refused with the reason instead
 of being written approximately. With a model structure the names are the model's own (the plan's
 roles resolved by the target grammar); without one the plan's targets must be module names.
+What a format has no place for (LoRA+ in `LoraConfig` JSON) is returned by `unsaid` for the caller
+to print. Each export is checked against the tool's own parser and model builder in
+tests/test_tools_*.py.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import UsageError, listing
-from ..model.targets import KEYWORDS, parse_layers, parse_spec
+from ..model.targets import KEYWORDS, TOOL_PRESETS, parse_layers, parse_spec
 from .lora_plan import LoraPlan
 
 FORMATS = ("peft", "peft-json", "axolotl", "llamafactory", "torchtune")
@@ -50,23 +53,42 @@ TORCHTUNE_BUILDERS = {
 TORCHTUNE_FAMILIES = {"llama": "llama3_1", "mistral": "mistral", "gemma": "gemma", "gemma2": "gemma2",
                       "phi3": "phi3", "qwen2": "qwen2_5", "qwen3": "qwen3"}
 # Builders without an apply_lora_to_output argument (tied output layer).
-_NO_OUTPUT_LORA = ("torchtune.models.gemma2.",)
+_NO_OUTPUT_LORA = ("torchtune.models.gemma.", "torchtune.models.gemma2.")
+# Builder packages that are in torchtune's main branch but not in its last release (0.6.1).
+_TORCHTUNE_MAIN_ONLY = ("torchtune.models.qwen3.",)
 _TORCHTUNE_ATTN = {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["output_proj"],
                    "qkv": ["q_proj", "k_proj", "v_proj"], "kv": ["k_proj", "v_proj"]}
 _MLP = ("gate", "up", "down", "gate_up")
 
 
 def export_plan(plan: LoraPlan, fmt: str, structure=None, *, command: str | None = None,
-                quant: str | None = None, notes: Sequence[str] = ()) -> str:
+                quant: str | None = None, notes: Sequence[str] = (), warnings: Sequence[str] = ()) -> str:
     """PLAN as text in format FMT (one of FORMATS). `quant` ("4bit"/"8bit") adds the tool's
     quantized-base setting; `command` is named in the first line of the YAML and Python outputs,
-    `notes` (warnings) become comment lines under it."""
+    `warnings` and `notes` become comment lines under it (peft-json, plain JSON, has no comments:
+    `unsaid` gives them back for the caller to print)."""
     writers = {"peft": _peft_code, "peft-json": _peft_json, "axolotl": _axolotl,
                "llamafactory": _llamafactory, "torchtune": _torchtune}
     if fmt not in writers:
         raise UsageError(f"unknown export format '{fmt}'", f"choose one of {', '.join(FORMATS)}")
-    header = "\n".join([f"# {command or 'loraplan'}"] + [f"# warning: {n}" for n in notes])
+    header = "\n".join([f"# {command or 'loraplan'}"] + [f"# warning: {w}" for w in warnings]
+                       + [f"# note: {n}" for n in notes])
     return writers[fmt](plan, structure, quant, header)
+
+
+def unsaid(plan: LoraPlan, fmt: str, notes: Sequence[str] = ()) -> list[str]:
+    """What FMT has no place for in its file (of the plan and of NOTES), as sentences for the
+    caller to print on stderr."""
+    if fmt != "peft-json":
+        return []
+    out = list(notes)
+    if plan.loraplus_lr_ratio:
+        ratio = _number(plan.loraplus_lr_ratio)
+        out.append(f"LoRA+ (loraplus_lr_ratio {ratio}) is not in this JSON: PEFT's LoraConfig has no LoRA+ key. Build the "
+                f"optimizer with peft.optimizers.create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, "
+                f"loraplus_lr_ratio={ratio}) and pass it as Trainer(..., optimizers=(optimizer, None)) "
+                "(--format peft writes that code)")
+    return out
 
 
 def peft_config(plan: LoraPlan, structure=None) -> dict[str, Any]:
@@ -79,7 +101,7 @@ def peft_config(plan: LoraPlan, structure=None) -> dict[str, Any]:
 
 def _peft_kwargs_by_name(plan: LoraPlan) -> dict[str, Any]:
     items = parse_spec(plan.targets)
-    roles = [i for i in items if i.lower() in KEYWORDS and i.lower() != "all-linear"]
+    roles = [i for i in items if i.lower() in KEYWORDS + TOOL_PRESETS and i.lower() != "all-linear"]
     if roles:
         raise UsageError(f"targets {listing(roles)} name roles; without MODEL loraplan cannot turn them "
                          "into module names", "give MODEL, or module names such as q_proj,v_proj")
@@ -95,7 +117,7 @@ def _peft_kwargs_by_name(plan: LoraPlan) -> dict[str, Any]:
         target_modules = items
     kwargs: dict[str, Any] = {
         "r": plan.r, "lora_alpha": plan.alpha, "target_modules": target_modules,
-        "lora_dropout": plan.lora_dropout, "bias": plan.bias, "use_rslora": plan.use_rslora,
+        "lora_dropout": float(plan.lora_dropout), "bias": plan.bias, "use_rslora": plan.use_rslora,
         "use_dora": plan.use_dora, "task_type": plan.task_type,
     }
     if plan.layers is not None:
@@ -136,6 +158,19 @@ def _refuse(tool: str, cfg: dict, plan: LoraPlan, keys: tuple[str, ...]) -> None
                              "use --format peft (PEFT takes every LoraConfig field), or change the plan")
 
 
+def _saves_embeddings(cfg: dict, structure) -> bool:
+    """Whether modules_to_save holds the input embeddings (new tokens: their rows must be trained)."""
+    leaf = (structure.input_embeddings or "").rpartition(".")[2] if structure is not None else None
+    names = {leaf} if leaf else {"embed_tokens", "embed_in", "wte", "word_embeddings", "embeddings"}
+    return any(str(n).rpartition(".")[2] in names for n in cfg.get("modules_to_save") or ())
+
+
+def _lora_on_embeddings(plan: LoraPlan, structure) -> bool:
+    if structure is not None:
+        return any(m.kind == "embedding" for m in plan.resolve(structure).modules)
+    return any(i in ("embed", "all", "embed_tokens") for i in parse_spec(plan.targets))
+
+
 def _yaml(header: str, body: dict, comments: list[str] = ()) -> str:
     import yaml
 
@@ -160,16 +195,21 @@ def _peft_code(plan, structure, quant, header) -> str:
                'bnb_4bit_compute_dtype=torch.bfloat16)' if quant == "4bit" else "BitsAndBytesConfig(load_in_8bit=True)")
         lines += [f"# {quant} base: from_pretrained(..., quantization_config={bnb}),",
                   "# then model = peft.prepare_model_for_kbit_training(model)"]
-    lines += ["# `model` is your base model, e.g. AutoModelForCausalLM.from_pretrained(...)",
-              f"config = LoraConfig(\n{args})", "model = get_peft_model(model, config)",
+    lines += ["# `model` is your base model, e.g. AutoModelForCausalLM.from_pretrained(...)"]
+    if _saves_embeddings(cfg, structure):
+        lines += ["# new tokens: add them to the tokenizer, then model.resize_token_embeddings(len(tokenizer)) before "
+                  "get_peft_model; modules_to_save trains full copies of the embeddings and lm_head"]
+    lines += [f"config = LoraConfig(\n{args})", "model = get_peft_model(model, config)",
               "model.print_trainable_parameters()"]
     if plan.loraplus_lr_ratio:
         ratio = _number(plan.loraplus_lr_ratio)
+        # PEFT puts LoRA on an embedding at loraplus_lr_embedding (default 1e-6): give it the base rate instead
+        embedding = ", loraplus_lr_embedding=2e-4" if _lora_on_embeddings(plan, structure) else ""
         lines += ["", f"# LoRA+ (Hayou et al. 2024): lora_B learns {ratio}x faster than lora_A; lr is lora_A's rate",
                   "from peft.optimizers import create_loraplus_optimizer", "",
                   "optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=2e-4, "
-                  f"loraplus_lr_ratio={ratio})",
-                  "# Trainer(..., optimizers=(optimizer, None))"]
+                  f"loraplus_lr_ratio={ratio}{embedding})",
+                  "# Trainer(..., optimizers=(optimizer, None)), or SFTTrainer(..., optimizers=(optimizer, None))"]
     return "\n".join(lines) + "\n"
 
 
@@ -178,15 +218,18 @@ def _peft_code(plan, structure, quant, header) -> str:
 # alpha -> lora_alpha (an int there), dropout -> lora_dropout, names -> lora_target_modules (a list,
 # or one regex string), PEFT's all-linear -> lora_target_linear, experts -> lora_target_parameters,
 # layers -> peft_layers_to_transform, modules_to_save -> lora_modules_to_save, use_rslora ->
-# peft_use_rslora, use_dora -> peft_use_dora, loraplus_lr_ratio as is. axolotl always passes
+# peft_use_rslora, use_dora -> peft_use_dora, rank/alpha patterns -> lora_rank_pattern /
+# lora_alpha_pattern (integers, axolotl >= 0.18), loraplus_lr_ratio as is. axolotl always passes
 # bias="none" and no lora_bias; it picks task_type from the model class.
 
 
 def axolotl_config(plan: LoraPlan, structure=None, quant: str | None = None) -> dict[str, Any]:
     cfg = peft_config(plan, structure)
-    _refuse("axolotl", cfg, plan, ("bias", "lora_bias", "rank_pattern", "alpha_pattern"))
-    if not float(cfg["lora_alpha"]).is_integer():
-        raise UsageError(f"axolotl's lora_alpha is an integer; the plan has {cfg['lora_alpha']}",
+    _refuse("axolotl", cfg, plan, ("bias", "lora_bias"))
+    alphas = [cfg["lora_alpha"], *(cfg.get("alpha_pattern") or {}).values()]
+    if not all(float(a).is_integer() for a in alphas):
+        raise UsageError(f"axolotl's lora_alpha (and lora_alpha_pattern) take integers; the plan has "
+                         f"{', '.join(f'{a:g}' for a in alphas if not float(a).is_integer())}",
                          "choose an integer alpha (--alpha)")
     out: dict[str, Any] = {"adapter": "qlora" if quant == "4bit" else "lora"}
     if quant:
@@ -202,6 +245,10 @@ def axolotl_config(plan: LoraPlan, structure=None, quant: str | None = None) -> 
         out["peft_layers_to_transform"] = cfg["layers_to_transform"]
     if cfg.get("modules_to_save"):
         out["lora_modules_to_save"] = cfg["modules_to_save"]
+    if cfg.get("rank_pattern"):
+        out["lora_rank_pattern"] = dict(cfg["rank_pattern"])
+    if cfg.get("alpha_pattern"):
+        out["lora_alpha_pattern"] = {k: int(v) for k, v in cfg["alpha_pattern"].items()}
     out.update(peft_use_rslora=cfg["use_rslora"], peft_use_dora=cfg["use_dora"])
     if plan.loraplus_lr_ratio:
         out["loraplus_lr_ratio"] = _number(plan.loraplus_lr_ratio)
@@ -209,8 +256,21 @@ def axolotl_config(plan: LoraPlan, structure=None, quant: str | None = None) -> 
 
 
 def _axolotl(plan, structure, quant, header) -> str:
-    return _yaml(header, axolotl_config(plan, structure, quant),
-                 ["LoRA keys for an axolotl config: merge them into yours (base_model, datasets, ...)"])
+    body = axolotl_config(plan, structure, quant)
+    comments = ["LoRA keys for an axolotl config: merge them into yours (base_model, datasets, ...)"]
+    if body.get("lora_target_linear"):
+        comments.append("lora_target_linear is axolotl's own 'every linear layer' (classes named *Linear*, lm_head "
+                        "left out by name): PEFT's all-linear on Llama-like models, nothing on GPT-2's Conv1D; give "
+                        "MODEL for the exact names")
+    if body.get("lora_rank_pattern") or body.get("lora_alpha_pattern"):
+        comments.append("lora_rank_pattern / lora_alpha_pattern need axolotl 0.18 or later")
+    if _saves_embeddings(body | {"modules_to_save": body.get("lora_modules_to_save")}, structure):
+        comments.append("new tokens: list them under `tokens:`; axolotl requires these lora_modules_to_save "
+                        "(full copies of the embeddings and lm_head) when it adds tokens")
+    if plan.loraplus_lr_ratio and _lora_on_embeddings(plan, structure):
+        comments.append("LoRA+ trains an embedding adapter at loraplus_lr_embedding (1e-6 unless set): set it to your "
+                        "learning_rate")
+    return _yaml(header, body, comments)
 
 
 # -- LLaMA-Factory ------------------------------------------------------------------------------
@@ -218,8 +278,9 @@ def _axolotl(plan, structure, quant, header) -> str:
 # lora_rank, alpha -> lora_alpha (always written: its default is 2 * lora_rank), dropout ->
 # lora_dropout, names -> lora_target (one comma-separated string; `all` = every linear layer but
 # the output layer), modules_to_save -> additional_target (comma string), use_rslora, use_dora and
-# loraplus_lr_ratio as is, 4-/8-bit base -> quantization_bit. It has no key for a regex, MoE
-# expert parameters, layers_to_transform, rank/alpha patterns, bias or lora_bias.
+# loraplus_lr_ratio as is, 4-/8-bit base -> quantization_bit; new tokens (the embeddings in
+# modules_to_save) -> resize_vocab, which LLaMA-Factory refuses on a quantized model. It has no key
+# for a regex, MoE expert parameters, layers_to_transform, rank/alpha patterns, bias or lora_bias.
 
 
 def llamafactory_config(plan: LoraPlan, structure=None, quant: str | None = None) -> dict[str, Any]:
@@ -235,6 +296,11 @@ def llamafactory_config(plan: LoraPlan, structure=None, quant: str | None = None
                            "lora_target": "all" if targets == "all-linear" else ",".join(targets)}
     if cfg.get("modules_to_save"):
         out["additional_target"] = ",".join(cfg["modules_to_save"])
+    if _saves_embeddings(cfg, structure):
+        if quant:
+            raise UsageError("LLaMA-Factory cannot train new tokens on a quantized base: it refuses resize_vocab with "
+                             "quantization_bit", "leave out --quant, or use --format peft or axolotl")
+        out["resize_vocab"] = True
     out.update(use_rslora=cfg["use_rslora"], use_dora=cfg["use_dora"])
     if plan.loraplus_lr_ratio:
         out["loraplus_lr_ratio"] = _number(plan.loraplus_lr_ratio)
@@ -244,8 +310,20 @@ def llamafactory_config(plan: LoraPlan, structure=None, quant: str | None = None
 
 
 def _llamafactory(plan, structure, quant, header) -> str:
-    return _yaml(header, llamafactory_config(plan, structure, quant),
-                 ["LoRA keys for a LLaMA-Factory training YAML: merge them into yours (model, dataset, ...)"])
+    body = llamafactory_config(plan, structure, quant)
+    comments = ["LoRA keys for a LLaMA-Factory training YAML: merge them into yours (model, dataset, ...)"]
+    if body["lora_target"] == "all":
+        comments.append("lora_target: all is LLaMA-Factory's own 'every linear layer' (classes named *Linear*, "
+                        "modules named lm_head left out): PEFT's all-linear on Llama-like models, nothing on GPT-2's "
+                        "Conv1D, and it adapts an output layer with another name (GPT-NeoX embed_out); give MODEL for "
+                        "the exact names")
+    if body.get("resize_vocab"):
+        comments.append("new tokens: add them with add_tokens / add_special_tokens; resize_vocab grows the "
+                        "embeddings and additional_target trains them in full")
+    if plan.loraplus_lr_ratio and _lora_on_embeddings(plan, structure):
+        comments.append("LoRA+ trains lora_embedding_B at loraplus_lr_embedding (1e-6 unless set): set it to your "
+                        "learning_rate")
+    return _yaml(header, body, comments)
 
 
 # -- torchtune ----------------------------------------------------------------------------------
@@ -261,6 +339,9 @@ def _llamafactory(plan, structure, quant, header) -> str:
 def torchtune_config(plan: LoraPlan, structure=None, quant: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """(the `model:` section, comments to print above it)."""
     cfg = peft_config(plan, structure)
+    if _saves_embeddings(cfg, structure):
+        raise UsageError("torchtune's LoRA recipes cannot train new tokens: the embeddings stay frozen and there is "
+                         "no modules_to_save", "use --format peft, axolotl or llamafactory")
     _refuse("torchtune", cfg, plan, ("bias", "lora_bias", "rank_pattern", "alpha_pattern", "target_parameters",
                                      "layers_to_transform", "modules_to_save"))
     roles, comments = _torchtune_roles(plan, structure)
@@ -273,6 +354,8 @@ def torchtune_config(plan: LoraPlan, structure=None, quant: str | None = None) -
         family = TORCHTUNE_FAMILIES.get(structure.model_type, "llama3_1") if structure is not None else "llama3_1"
         comments.append(f"set model._component_ to torchtune's LoRA builder for your model "
                         f"(torchtune.models.{family}.lora_{family}_<size>)")
+        if f"torchtune.models.{family}.".startswith(_TORCHTUNE_MAIN_ONLY):
+            comments.append(f"torchtune.models.{family} is in torchtune's main branch, not in its 0.6.1 release")
     body["lora_attn_modules"] = list(dict.fromkeys(attn))
     body["apply_lora_to_mlp"] = any(r in roles for r in _MLP)
     output = "lm_head" in roles
@@ -296,7 +379,52 @@ def torchtune_config(plan: LoraPlan, structure=None, quant: str | None = None) -
     if plan.loraplus_lr_ratio:
         comments.append(f"LoRA+ (loraplus_lr_ratio {_number(plan.loraplus_lr_ratio)}): torchtune's recipes have no "
                         "option for it; lora_A and lora_B share one learning rate")
+    if component and component.startswith(_TORCHTUNE_MAIN_ONLY):
+        comments.append(f"{component.rpartition('.')[0]} is in torchtune's main branch, not in its 0.6.1 release: "
+                        "install torchtune from source")
+    if structure is not None:
+        from .count import count_plan
+
+        built, counted = torchtune_trainable(body, structure), count_plan(structure, plan).trainable_params
+        if built == counted:
+            comments.append(f"torchtune builds {built:,} trainable parameters from this, as loraplan count says")
+        else:
+            fused = _fused_leaves(plan, structure)
+            why = (f"it splits the fused projections ({', '.join(fused)}) into one adapter per part" if fused
+                   else "its modules are shaped unlike the Hugging Face model's")
+            comments.append(f"torchtune builds {built:,} trainable parameters from this, not the {counted:,} loraplan "
+                            f"count gives for the Hugging Face model: {why}")
     return body, comments
+
+
+def torchtune_trainable(body: dict[str, Any], structure) -> int:
+    """Trainable parameters of torchtune's LoRA builder with the `model:` section BODY, from the
+    model's config: LoRALinear is r·(in + out), DoRALinear adds a magnitude of `out`
+    (torchtune/modules/peft/lora.py, dora.py); q, k, v, output_proj, the MLP's w1, w2, w3 and the
+    output layer each get their own adapter, on fused models (Phi-3) too."""
+    c = structure.text_config()
+    d, heads, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+    kv = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or d // heads
+    ffn = c["intermediate_size"]
+    shapes = {"q_proj": (d, heads * head_dim), "k_proj": (d, kv * head_dim), "v_proj": (d, kv * head_dim),
+              "output_proj": (heads * head_dim, d)}
+    per_layer = [shapes[m] for m in body.get("lora_attn_modules") or ()]
+    if body.get("apply_lora_to_mlp"):
+        per_layer += [(d, ffn), (ffn, d), (d, ffn)]
+    r, dora = body["lora_rank"], bool(body.get("use_dora"))
+
+    def adapter(n_in: int, n_out: int) -> int:
+        return r * (n_in + n_out) + (n_out if dora else 0)
+
+    total = layers * sum(adapter(i, o) for i, o in per_layer)
+    if body.get("apply_lora_to_output"):
+        total += adapter(d, c["vocab_size"])
+    return total
+
+
+def _fused_leaves(plan: LoraPlan, structure) -> list[str]:
+    return list(dict.fromkeys(m.leaf for m in plan.resolve(structure).modules if m.role in ("qkv", "kv", "gate_up")))
 
 
 def _torchtune(plan, structure, quant, header) -> str:
@@ -333,9 +461,6 @@ def _torchtune_roles(plan: LoraPlan, structure) -> tuple[set[str], list[str]]:
                 raise UsageError(f"the targets adapt {chosen} of the {every} '{role}' weights; torchtune adapts "
                                  "every layer", "target whole roles, or use --format peft")
         model_mlp = {m.role for m in structure.modules if m.role in _MLP}
-        if "qkv" in roles:
-            comments.append("torchtune splits the fused qkv projection: three rank-r adapters (q, k, v) instead "
-                            "of one, so more trainable parameters than loraplan counts for the HF model")
     bad = roles - set(_TORCHTUNE_ATTN) - set(_MLP) - {"lm_head"}
     if bad:
         raise UsageError(f"torchtune's LoRA builders cannot adapt {listing(sorted(bad))}",

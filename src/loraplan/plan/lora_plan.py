@@ -13,9 +13,21 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import UsageError, did_you_mean
+from ..errors import UsageError, did_you_mean, listing
 
 BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+class _DefaultDropout(float):
+    """loraplan's default lora_dropout, 0.05, told apart from the same value chosen by hand: PEFT's
+    lora.ParamWrapper (MoE experts, routers) refuses any dropout, so a plan that adapts parameters
+    exports 0 in place of the default, and is refused, as PEFT would refuse it, with a chosen one."""
+
+    def __repr__(self) -> str:
+        return "0.05"
+
+
+DEFAULT_DROPOUT = _DefaultDropout(0.05)
 
 
 @dataclass(frozen=True)
@@ -25,17 +37,68 @@ class Reason:
     source: str | None = None  # citation (paper, seed) where the rule comes from
 
 
+def _positive_int(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return f"must be a positive integer, got {value!r}"
+    return None
+
+
+def _positive_or_none(value) -> str | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+        return f"must be a positive number, got {value!r}"
+    return None
+
+
+def _dropout(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        return f"must be a number in [0, 1), got {value!r}"
+    return None
+
+
+def _bias(value) -> str | None:
+    return None if value in BIAS_CHOICES else f"must be one of {', '.join(BIAS_CHOICES)}, got {value!r}"
+
+
+def _rank_pattern(value) -> str | None:
+    bad = {k: v for k, v in dict(value).items() if _positive_int(v)}
+    return f"must map module names to positive integers, got {bad!r}" if bad else None
+
+
+# The checks of LoraPlan's fields: __post_init__ runs them all, the sweep's trial schema per field.
+FIELD_RULES = {"r": _positive_int, "lora_alpha": _positive_or_none, "lora_dropout": _dropout, "bias": _bias,
+               "loraplus_lr_ratio": _positive_or_none, "rank_pattern": _rank_pattern}
+
+
+def field_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for LoraPlan's field `name` ("must be …"), or None."""
+    rule = FIELD_RULES.get(name)
+    return rule(value) if rule else None
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class LoraPlan:
-    targets: str = "all-linear"
-    r: int = 8
-    lora_alpha: float | None = None  # None: alpha = r (scaling 1, or sqrt(r) with rsLoRA)
-    use_rslora: bool = False
-    use_dora: bool = False
-    loraplus_lr_ratio: float | None = None
-    lora_dropout: float = 0.05
-    bias: str = "none"
-    layers: str | None = None  # "0-7,30,31"; None: every layer
+    """One LoRA configuration. Each field's `help` metadata is its description everywhere it is
+    shown (CLI flags, the sweep spec's schema, docs/sweep.md)."""
+
+    # a spec string; a tuple of items when an item (a `re:` with `{1,3}`) holds a comma itself
+    targets: str | tuple[str, ...] = field(default="all-linear", metadata=_help(
+        "roles (q,k,v,o,gate,up,down,…), groups (attention, mlp, qv), presets (all-linear, all), module names "
+        "or re:REGEX"))
+    r: int = field(default=8, metadata=_help("LoRA rank r"))
+    lora_alpha: float | None = field(default=None, metadata=_help(
+        "lora_alpha; null: alpha = r (scale alpha/r = 1, or sqrt(r) with rsLoRA)"))
+    use_rslora: bool = field(default=False, metadata=_help("rsLoRA: scale alpha/sqrt(r) instead of alpha/r"))
+    use_dora: bool = field(default=False, metadata=_help("DoRA: a learned magnitude vector per output"))
+    loraplus_lr_ratio: float | None = field(default=None, metadata=_help(
+        "LoRA+: lora_B's learning rate over lora_A's (e.g. 16); null: one learning rate"))
+    lora_dropout: float = field(default=DEFAULT_DROPOUT, metadata=_help("dropout on the LoRA path's input, in [0, 1)"))
+    bias: str = field(default="none", metadata=_help("PEFT bias option: none, all or lora_only"))
+    layers: str | None = field(default=None, metadata=_help(
+        "only these layers, as PEFT's layers_to_transform: e.g. 0-7,30,31 or -8: for the last 8; null: every layer"))
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
@@ -44,20 +107,10 @@ class LoraPlan:
     reasons: tuple[Reason, ...] = ()
 
     def __post_init__(self):
-        problems = []
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            problems.append(f"r must be a positive integer, got {self.r!r}")
-        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, int | float) and self.lora_alpha > 0):
-            problems.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in BIAS_CHOICES:
-            problems.append(f"bias must be one of {', '.join(BIAS_CHOICES)}, got {self.bias!r}")
-        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
-            problems.append(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio!r}")
-        for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                problems.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        problems = [f"{name} {problem}" for name in FIELD_RULES
+                    if (problem := field_problem(name, getattr(self, name)))]
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -69,6 +122,11 @@ class LoraPlan:
     def scaling(self) -> float:
         """The factor on B·A: alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def dropout_given(self) -> bool:
+        """A dropout chosen by hand (not loraplan's default)."""
+        return self.lora_dropout > 0 and self.lora_dropout is not DEFAULT_DROPOUT
 
     def replace(self, **changes) -> LoraPlan:
         return replace(self, **changes)
@@ -82,13 +140,11 @@ class LoraPlan:
     def to_peft_kwargs(self, structure) -> dict[str, Any]:
         """Keyword arguments for `peft.LoraConfig` on this model."""
         resolved = self.resolve(structure)
-        if self.use_dora and resolved.target_parameters:
-            raise UsageError("PEFT cannot apply DoRA to MoE expert parameters (lora.ParamWrapper)",
-                             "leave `experts` out of the targets or turn DoRA off")
+        parameters = parameter_refusal(structure, self, resolved)
         kwargs: dict[str, Any] = {
             "r": self.r,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0 if resolved.target_parameters else self.lora_dropout,
+            "lora_dropout": 0.0 if parameters else float(self.lora_dropout),
             "bias": self.bias,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
@@ -108,6 +164,7 @@ class LoraPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["lora_dropout"] = float(self.lora_dropout)
         data["rank_pattern"] = dict(self.rank_pattern)
         data["alpha_pattern"] = dict(self.alpha_pattern)
         data["modules_to_save"] = list(self.modules_to_save)
@@ -120,6 +177,23 @@ class LoraPlan:
         return cls(**plan_fields(data, where))
 
 
+def parameter_refusal(structure, plan: LoraPlan, resolved) -> bool:
+    """Whether the plan adapts parameters (PEFT's lora.ParamWrapper: MoE experts, routers); a
+    UsageError with PEFT's own words (asked of the installed PEFT when the structure was built) for
+    what ParamWrapper refuses: DoRA, a chosen dropout, lora_bias."""
+    params = [m for m in resolved.modules if m.is_parameter]
+    if not params:
+        return False
+    refusals = (structure.peft or {}).get("parameter_refusals") or {}
+    asked = {"use_dora": plan.use_dora, "lora_bias": plan.lora_bias, "lora_dropout": plan.dropout_given}
+    for setting, on in asked.items():
+        if on and setting in refusals:
+            what = listing(dict.fromkeys(m.pattern for m in params), 3)
+            raise UsageError(f"{refusals[setting]} (PEFT adapts {what} through lora.ParamWrapper)",
+                             f"turn {setting} off, or leave the parameters (experts, router) out of the targets")
+    return True
+
+
 # Ecosystem spellings -> LoraPlan fields. Values that need translating are handled below.
 _SPELLINGS = {
     "r": "r", "rank": "r", "lora_r": "r", "lora_rank": "r",
@@ -128,6 +202,7 @@ _SPELLINGS = {
     "use_dora": "use_dora", "peft_use_dora": "use_dora", "dora": "use_dora",
     "loraplus_lr_ratio": "loraplus_lr_ratio", "lora_dropout": "lora_dropout", "dropout": "lora_dropout",
     "bias": "bias", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+    "lora_rank_pattern": "rank_pattern", "lora_alpha_pattern": "alpha_pattern",
     "modules_to_save": "modules_to_save", "lora_modules_to_save": "modules_to_save",
     "additional_target": "modules_to_save", "lora_bias": "lora_bias", "task_type": "task_type",
     "targets": "targets", "target_modules": "targets", "lora_target_modules": "targets",
@@ -200,12 +275,14 @@ def plan_fields(data: Mapping[str, Any], where: str = "config") -> dict[str, Any
     return out
 
 
-def join_targets(items: list[str]) -> str:
+def join_targets(items: list[str]) -> str | tuple[str, ...]:
     """Target items as one spec string. The grammar reads a spec that starts with `re:` as a single
-    regex, so a regex goes last (after the comma-separated names) and several regexes become one."""
+    regex, so a regex goes last (after the comma-separated names) and several regexes become one.
+    A regex holding a comma (`{1,3}`) cannot sit in a comma-separated spec: the items stay a tuple."""
     items = list(dict.fromkeys(items))
     regexes = [i[3:] for i in items if i.startswith("re:")]
     names = [i for i in items if not i.startswith("re:")]
     if len(regexes) > 1:
         regexes = ["|".join(f"(?:{r})" for r in regexes)]
-    return ",".join(names + [f"re:{r}" for r in regexes])
+    out = names + [f"re:{r}" for r in regexes]
+    return tuple(out) if any("," in i for i in out) else ",".join(out)

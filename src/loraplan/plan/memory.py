@@ -3,7 +3,7 @@
 What is predicted: `torch.cuda.max_memory_allocated()` over the first steps of the loop the sweep
 runs (transformers model with `attn_implementation="sdpa"`, PEFT `get_peft_model`, AdamW
 `fused=True`, `loss = model(input_ids, labels=input_ids).loss; loss.backward(); opt.step();
-opt.zero_grad(set_to_none=True)`, no autocast). benchmarks/memory/ measures it on an H100; the
+opt.zero_grad(set_to_none=True)`, no autocast). benchmarks/memory/ measures it on a GPU; the
 CPU tests check the activations against autograd's saved tensors and the step's peak against an
 allocation tracker.
 
@@ -26,11 +26,17 @@ as transformers and PEFT write it:
 - the loss upcasts the logits to fp32 (transformers `ForCausalLMLoss`), log_softmax keeps its fp32
   output, and its backward holds two more fp32 B·L·vocab tensors: with a 128k vocabulary that
   moment is the peak.
+MoE blocks (transformers 5's fused experts, `grouped_mm` by default) keep per routed copy of a
+token (top-k per token) the gate_up output, act(gate), the down output and int64 indices, plus the
+router's fp32 softmax. PEFT reaches the experts through `target_parameters` (lora.ParamWrapper):
+for each forward it swaps the parameter for `baddbmm(W, B, A)`, a full copy of the expert stack in
+the weight dtype, which the grouped matmul keeps until backward, so adapted experts cost another
+copy of every expert weight; their backward then allocates ΔW's gradient, E × out × in again.
 `quant="4bit"` follows `prepare_model_for_kbit_training`, which casts every non-quantized
 parameter (embeddings, norms, lm_head) to fp32; without autocast the whole residual stream, and so
 every activation, is then fp32.
 
-Pure arithmetic on a `ModelStructure`: no torch import, milliseconds for a 405B config.
+Pure arithmetic on a `ModelStructure`: no torch import and no weight, for any model size.
 """
 
 from __future__ import annotations
@@ -232,6 +238,24 @@ def parse_size(text: str) -> int:
 
 
 @dataclass(frozen=True)
+class _Moe:
+    """One MoE block as transformers 5 writes it (`@use_experts_implementation`): a top-k router
+    (a raw `weight` parameter) and the experts fused in 3-D parameters, gate_up (or up) then down."""
+
+    experts: int
+    top_k: int
+    first: ModuleInfo  # gate_up_proj (E, 2I, H), or up_proj for non-gated experts
+    down: ModuleInfo  # down_proj (E, H, I)
+    router: ModuleInfo | None
+    normalizes: bool  # the top-k weights are divided by their sum (norm_topk_prob)
+    weight_bytes: int  # the routing weights' dtype as the experts multiply by them (0: the activation's)
+
+    @property
+    def gated(self) -> bool:
+        return self.first.out_features == 2 * self.down.in_features
+
+
+@dataclass(frozen=True)
 class _Shape:
     hidden: int
     heads: int
@@ -243,6 +267,7 @@ class _Shape:
     layers: dict[int, dict[str, ModuleInfo]]  # layer -> role -> one weight of that role
     norms_per_layer: dict[int, int]
     qk_norm: bool
+    moe: dict[int, _Moe] = field(default_factory=dict)  # layer -> its MoE block
 
     @property
     def q_dim(self) -> int:
@@ -285,10 +310,43 @@ def _shape_of(structure: ModelStructure) -> _Shape:
             qk_norm = True
         elif _NORM_LEAF.search(leaf) and name.count(".") == _layer_depth(name):
             norms[index] = norms.get(index, 0) + 1
+    moe = _moe_blocks(structure, config, hidden)
     rotary = any(k in config for k in ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim",
                                         "rotary_pct", "partial_rotary_factor", "rotary_emb_base"))
     norm = "rms" if any("rms" in k for k in config) else "layer"
-    return _Shape(hidden, heads, kv_heads, head_dim, vocab, norm, rotary, layers, norms, qk_norm)
+    return _Shape(hidden, heads, kv_heads, head_dim, vocab, norm, rotary, layers, norms, qk_norm, moe)
+
+
+# Routers that cast the top-k weights back to the activation dtype (`.to(router_logits.dtype)`);
+# the others (Mixtral's) multiply the expert outputs by fp32 weights. From transformers 5.17.
+_ROUTER_CASTS = {"qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_vl_moe", "qwen3_omni_moe",
+                 "olmoe", "flex_olmo", "hunyuan_v1_moe", "mellum"}
+
+
+def _moe_blocks(structure: ModelStructure, config: dict, hidden: int) -> dict[int, _Moe]:
+    """layer -> its MoE block, for the layers whose experts are fused 3-D parameters."""
+    experts: dict[int, list[ModuleInfo]] = {}
+    routers: dict[int, ModuleInfo] = {}
+    for m in structure.modules:
+        if m.layer is None:
+            continue
+        if m.role == "experts" and m.experts > 1:
+            experts.setdefault(m.layer, []).append(m)
+        elif m.role == "router" and m.is_parameter and m.in_features == hidden:
+            routers.setdefault(m.layer, m)
+    top_k = _first(config, "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", default=1)
+    top_k = int(top_k[0] if isinstance(top_k, list) else top_k)
+    normalizes = bool(config.get("norm_topk_prob", True))  # Mixtral's router always renormalises
+    weight_bytes = 0 if structure.model_type in _ROUTER_CASTS else 4
+    out = {}
+    for layer, params in experts.items():
+        down = next((p for p in params if p.guess == "down"), None) or \
+            next((p for p in params if p.out_features == hidden), None)
+        first = next((p for p in params if p is not down and p.in_features == hidden), None)
+        if down is None or first is None:
+            continue
+        out[layer] = _Moe(first.experts, top_k, first, down, routers.get(layer), normalizes, weight_bytes)
+    return out
 
 
 _LAYER_INDEX = re.compile(r"^(.*?\.)(\d+)(\.|$)")
@@ -342,12 +400,19 @@ class _Step:
 @dataclass
 class _LayerSaved:
     per_token: Counter  # category -> bytes per token
-    fixed: int = 0  # bytes independent of the tokens (DoRA's fp32 weight copies)
+    # bytes independent of the tokens, by term: DoRA's fp32 weight copies, the experts' W + ΔW
+    fixed: Counter = field(default_factory=Counter)
     grad_out: bool = False
     rope: bool = False
     dora_transient: int = 0  # the largest transient of one DoRA weight-norm computation
     mlp_width: int = 0
     down_adapted: bool = False
+    # the MoE block's backward moments: (bytes per token, fixed bytes) above what the layer keeps
+    moe_backward: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def fixed_bytes(self) -> int:
+        return sum(self.fixed.values())
 
 
 def sdpa_kernel(act_bytes: int, heads: int, kv_heads: int, head_dim: int) -> str:
@@ -392,11 +457,11 @@ def _adapter_saved(step: _Step, m: ModuleInfo, r: int, grad_in: bool, group: str
         if step.dropout:
             saved["DoRA"] += a * n_out  # F.linear(x, W) recomputed in fp32, kept by (m/‖W‖ - 1) * base
             if grad_in and not step.weight_fp32:
-                out.fixed += a * n_in * n_out  # W.to(fp32), a copy kept by F.linear for grad of x
+                out.fixed[_DORA_FIXED] += a * n_in * n_out  # W.to(fp32), a copy kept by F.linear for grad of x
         else:
             saved["DoRA"] += step.act * n_out  # the base output, kept by (m/‖W‖ - 1) * base
         # ‖W + scaling·BA‖ (kept by the division), m/‖W‖ (by m/‖W‖ · lora), m/‖W‖ - 1 (by its product)
-        out.fixed += 4 * n_out * (3 if grad_in else 2)
+        out.fixed[_DORA_FIXED] += 4 * n_out * (3 if grad_in else 2)
         # get_lora_weight/get_weight_norm: eye(in), A·eye, B·A·eye, W in fp32, scaling·BA, W + scaling·BA
         out.dora_transient = max(out.dora_transient, a * (n_in * n_in + n_in * r + 4 * n_in * n_out))
 
@@ -485,14 +550,124 @@ def _layer_saved(step: _Step, index: int, adapters: dict[str, list[tuple[ModuleI
         down_g = adapt("down", down_in_g, "mlp_mid") or down_in_g
         bnb8_input(down_in_g, "mlp_mid", width)
     out.grad_out = g_mid or down_g
-    # weights the walk has no place for (an unrecognised Linear, a router, MoE experts): their LoRA
-    # inputs at least, with the gradient state of the layer's output
-    for role in set(adapters) - _WALKED:
+    walked = _WALKED
+    moe = shape.moe.get(index)
+    if moe is not None:
+        out.grad_out = _moe_saved(step, moe, adapters, g_mid, shared, out) or out.grad_out
+        walked = walked | {"experts", "router"}
+    # weights the walk has no place for (an unrecognised Linear, a router outside an MoE block): their
+    # LoRA inputs at least, with the gradient state of the layer's output
+    for role in set(adapters) - walked:
         adapt(role, out.grad_out, f"other:{role}")
     return out
 
 
 _WALKED = {"q", "k", "v", "qkv", "kv", "o", "gate", "up", "gate_up", "down"}
+_DORA_FIXED = "DoRA fp32 weight copies and norms"
+_EXPERTS_FIXED = "experts: W + ΔW copies (PEFT ParamWrapper)"
+_MOE_OFFSETS = "MoE grouped-matmul offsets"
+
+
+def _moe_saved(step: _Step, moe: _Moe, adapters: dict[str, list[tuple[ModuleInfo, int]]], g: bool,
+               shared: set[str], out: _LayerSaved) -> bool:
+    """What an MoE block keeps for backward (transformers integrations/moe.py
+    `grouped_mm_experts_forward`, the default experts implementation; the router as in qwen3_moe and
+    mixtral), with PEFT's `ParamWrapper` on the adapted expert and router parameters
+    (peft/tuners/lora/layer.py): while the block runs, the parameter is replaced by
+    `baddbmm(W, B, A)` (`_LoraFactorsProxy`; W + B·A for the 2-D router): a full copy of the expert
+    stack in the weight dtype, which the grouped matmul keeps for its input's gradient until backward.
+    `g`: the block's input needs grad. Returns whether its output needs grad."""
+    s, k, experts, hidden = step.act, moe.top_k, moe.experts, moe.first.in_features
+    width = moe.down.in_features
+    saved, fixed = out.per_token, out.fixed
+    ranks = {m.name: r for m, r in [*adapters.get("experts", ()), *adapters.get("router", ())]}
+    first_r, down_r = ranks.get(moe.first.name), ranks.get(moe.down.name)
+    router_r = ranks.get(moe.router.name) if moe.router is not None else None
+    weights = moe.weight_bytes or s
+    # router: F.linear(x, W + ΔW) keeps x for ΔW's gradient and W + ΔW for x's; softmax in fp32
+    # keeps its output, topk its indices, the renormalisation the top-k values and their sum
+    if router_r:
+        if "mlp_in" not in shared:
+            shared.add("mlp_in")
+            saved["MoE router"] += s * hidden
+        if g:
+            fixed[_EXPERTS_FIXED] += s * moe.router.out_features * hidden
+    logits_g = g or bool(router_r)
+    if logits_g:
+        saved["MoE router"] += 4 * experts + 8 * k + (4 * k + 4 if moe.normalizes else 0)
+
+    def expert_param(m: ModuleInfo, r: int, input_width: int, input_g: bool) -> None:
+        saved["MoE experts"] += k * s * input_width  # the grouped matmul's input, for ΔW's gradient
+        if input_g:
+            fixed[_EXPERTS_FIXED] += s * m.experts * m.in_features * m.out_features  # W + ΔW
+        fixed[_EXPERTS_FIXED] += s * m.experts * r * (m.in_features + m.out_features)  # B, A cast for baddbmm
+
+    # experts, per routed copy of a token (B·L·top_k rows sorted by expert)
+    if g:
+        saved["MoE experts"] += 8 * k  # x[perm // top_k] keeps its int64 index
+    if logits_g:
+        saved["MoE experts"] += 8 * k  # weights[perm] keeps perm
+    if g or first_r or down_r:
+        saved["MoE experts"] += k  # the bool mask the three masked_fill calls share
+    if first_r:
+        expert_param(moe.first, first_r, hidden, g)
+    h_g = g or bool(first_r)
+    if h_g:
+        saved["MoE experts"] += k * s * moe.first.out_features  # gate_up output (act keeps gate, the product up)
+        if moe.gated:
+            saved["MoE experts"] += k * s * width  # act(gate), kept by the product
+    if down_r:
+        expert_param(moe.down, down_r, width, h_g)
+    o_g = h_g or bool(down_r)
+    if o_g:
+        fixed[_MOE_OFFSETS] += 4 * experts  # the int32 offsets both grouped matmuls keep
+    if logits_g:
+        saved["MoE experts"] += k * s * hidden  # the down output, kept for the routing weights' gradient
+    if o_g:
+        saved["MoE experts"] += k * weights  # the routing weight, kept for the output's gradient
+    if o_g or logits_g:
+        saved["MoE experts"] += 8 * k  # out[inv_perm] keeps inv_perm
+    if o_g or logits_g:
+        out.moe_backward = _moe_backward(step, moe, g, logits_g, first_r, down_r)
+    return o_g or logits_g
+
+
+def _moe_backward(step: _Step, moe: _Moe, g: bool, logits_g: bool, first_r: int | None,
+                  down_r: int | None) -> list[tuple[int, int]]:
+    """The MoE block's backward moments, each as (bytes per token, fixed bytes) above what the layer
+    keeps, less what earlier steps of its backward already freed (autograd frees a node's saved
+    tensors once it ran). In the order they happen:
+    - routing-weight product: the gradient of `out · w` in their common dtype, a product per input
+      needing grad, and the cast back to the activation dtype (fp32 weights: Mixtral);
+    - down grouped matmul: its output's gradient, ΔW's gradient (E × H × I: grad of mat2 comes first),
+      its input's gradient;
+    - act(gate)·up: the product's gradient and its two factors' (3 × I per routed copy);
+    - gate_up grouped matmul: its output's gradient, ΔW's gradient (E × 2I × H), its input's."""
+    s, k, experts, hidden = step.act, moe.top_k, moe.experts, moe.first.in_features
+    width, first, down = moe.down.in_features, moe.first, moe.down
+    weights = moe.weight_bytes or s
+    wide = max(s, weights)  # the routed outputs times fp32 weights are fp32
+    h_g = g or bool(first_r)
+    o_g = h_g or bool(down_r)
+    routing_grad = k * weights if logits_g else 0  # the routing weights' gradient, alive until the router's
+    freed = (k * s * hidden if logits_g else 0) + (k * weights if o_g else 0) + 8 * k
+    moments = [(k * hidden * wide * (1 + o_g + logits_g) + (k * s * hidden if o_g and wide != s else 0), 0)]
+    grad_down = s * experts * hidden * width if down_r else 0
+    moments.append((-freed + k * s * hidden + (k * s * width if h_g else 0) + routing_grad, grad_down))
+    if down_r:  # the down grouped matmul and its baddbmm ran: their saved tensors are gone, A's and B's grads exist
+        freed += k * s * width
+        factors = experts * down_r * (down.in_features + down.out_features)
+        fixed_freed = (s * experts * hidden * width if h_g else 0) + s * factors - ADAPTER_BYTES * factors
+    else:
+        fixed_freed = 0
+    if h_g:
+        moments.append((-freed + 3 * k * s * width + routing_grad, -fixed_freed))
+        freed += k * s * (first.out_features + (width if moe.gated else 0))
+    if g or first_r:
+        grad_first = s * experts * first.in_features * first.out_features if first_r else 0
+        moments.append((-freed + k * s * first.out_features + (k * s * hidden if g else 0) + routing_grad,
+                        grad_first - fixed_freed))
+    return moments
 
 
 def _attention_bytes(step: _Step, q_g: bool, k_g: bool, v_g: bool) -> int:
@@ -583,31 +758,37 @@ def estimate_memory(structure: ModelStructure, plan: LoraPlan, batch_size: int, 
     if grad_ckpt:
         # torch.utils.checkpoint keeps each layer's input; a layer's tensors exist again only
         # while its backward recomputes it
-        held = [MemoryTerm("checkpointed layer inputs", len(layer_ids) * act * shape.hidden * n,
-                           f"{len(layer_ids)} layers × {act} B × hidden {shape.hidden:,} × {n:,} tokens "
-                           "(each checkpoint keeps its layer's input)")] + tail_terms
-        biggest = max(layers, key=lambda x: sum(x.per_token.values()) * n + x.fixed)
-        recompute = [held[0], MemoryTerm(
-            "one layer recomputed", sum(biggest.per_token.values()) * n + biggest.fixed,
-            f"{sum(biggest.per_token.values()):,} B/token × {n:,} tokens{_fixed_text(biggest.fixed)}: what one "
-            f"layer keeps ({_listing(biggest.per_token)}), rebuilt in its backward")]
-        recompute += _backward_terms(step, biggest, n, shape.hidden)
+        held = [_checkpoint_term(len(layer_ids), act, shape.hidden, n)] + tail_terms
+
+        def recompute_of(pos: int) -> list[MemoryTerm]:
+            # backward runs the layers last to first: at layer `pos` the checkpoints of the layers
+            # after it are freed and their LoRA gradients exist (large with MoE experts adapted)
+            x = layers[pos]
+            later = trainable.grad_by_layer.get("lm_head", 0) + sum(
+                trainable.grad_by_layer.get(index, 0) for index in layer_ids[pos + 1:])
+            return [_checkpoint_term(pos + 1, act, shape.hidden, n), MemoryTerm(
+                "one layer recomputed", sum(x.per_token.values()) * n + x.fixed_bytes,
+                f"{sum(x.per_token.values()):,} B/token × {n:,} tokens{_fixed_text(x.fixed)}: what layer {pos} "
+                f"keeps ({_listing(x.per_token)}), rebuilt in its backward"),
+                MemoryTerm("LoRA gradients of the later layers", later,
+                           f"4 B × the LoRA params of the {len(layer_ids) - pos - 1} layers after it (and lm_head)"),
+                *_backward_terms(step, x, n, shape.hidden)]
+
+        recompute = max((recompute_of(pos) for pos in range(len(layers))), key=lambda ts: sum(t.bytes for t in ts))
         if plan.use_dora:
             recompute.append(_dora_transient_term(max(x.dora_transient for x in layers)))
         phases["layer recompute + backward"] = recompute
         kv_cache = 0
     else:
-        per_token, fixed = Counter(), 0
+        per_token, fixed = Counter(), Counter()
         for x in layers:
             per_token.update(x.per_token)
-            fixed += x.fixed
+            fixed.update(x.fixed)
         held = _saved_terms(f"activations, {len(layer_ids)} layers", per_token, n, step)
-        if fixed:
-            held.append(MemoryTerm("DoRA fp32 weight copies and norms", fixed,
-                                   "4 B × in × out per DoRA module whose input needs grad (dora.py: "
-                                   "F.linear(x, W.to(fp32)) keeps W for the gradient of x) + ‖W‖ vectors"))
+        held += [MemoryTerm(name, value, _FIXED_WHY[name]) for name, value in fixed.items() if value]
         held += tail_terms
-        phases["last layer backward"] = held + _backward_terms(step, layers[-1], n, shape.hidden)
+        phases["last layer backward"] = held + _backward_terms(step, layers[-1], n, shape.hidden,
+                                                               sum(t.bytes for t in tail_terms))
         if plan.use_dora:
             phases["DoRA weight norm (forward)"] = held + [
                 _dora_transient_term(max(x.dora_transient for x in layers))]
@@ -623,7 +804,7 @@ def estimate_memory(structure: ModelStructure, plan: LoraPlan, batch_size: int, 
     totals = {name: sum(t.bytes for t in terms) for name, terms in phases.items()}
     peak = max(totals, key=totals.get)
     peak_terms = [t for t in phases[peak] if t.bytes]
-    if peak != "optimizer step":
+    if peak != "optimizer step" and not any(t.name.startswith("LoRA gradients") for t in peak_terms):
         peak_terms.append(MemoryTerm("LoRA gradients", 0,
                                      f"{human_bytes(trainable.bytes)}, allocated during backward after "
                                      f"this peak ({peak}); freed by zero_grad before the next"))
@@ -633,7 +814,7 @@ def estimate_memory(structure: ModelStructure, plan: LoraPlan, batch_size: int, 
         batch_size=batch_size, seq_len=seq_len, dtype=dtype, quant=None if quant == "none" else quant,
         grad_ckpt=grad_ckpt, optimizer=optimizer, plan=plan, double_quant=double_quant,
         peak_phase=peak, phases={k: persistent_total + val for k, val in totals.items()},
-        notes=list(counted.targets.notes) + _notes(step, structure, quant),
+        notes=list(counted.targets.notes) + _notes(step, structure, quant) + _expert_copy_note(layers, grad_ckpt),
         model=structure.source, saved_bytes=sum(t.bytes for t in held) + loss_saved.bytes,
         _structure=structure,
     )
@@ -658,8 +839,18 @@ def _check(batch_size, seq_len, dtype, quant, optimizer) -> tuple[str, str, str]
     return dtype, quant, optimizer
 
 
-def _fixed_text(fixed: int) -> str:
-    return f" + {human_bytes(fixed)} DoRA weight copies" if fixed else ""
+_FIXED_WHY = {
+    _DORA_FIXED: "4 B × in × out per DoRA module whose input needs grad (dora.py: F.linear(x, W.to(fp32)) keeps W "
+                 "for the gradient of x) + ‖W‖ vectors",
+    _EXPERTS_FIXED: "per adapted expert stack, E × in × out in the weight dtype: PEFT's ParamWrapper replaces W by "
+                    "baddbmm(W, B, A) for the forward and the grouped matmul keeps it for its input's gradient "
+                    "(+ the bf16 B and A it was made from)",
+    _MOE_OFFSETS: "4 B × experts per MoE layer: the int32 cumulative token counts grouped_mm keeps",
+}
+
+
+def _fixed_text(fixed: Counter) -> str:
+    return "".join(f" + {human_bytes(v)} {name}" for name, v in fixed.items() if v)
 
 
 def _listing(per_token: Counter) -> str:
@@ -679,6 +870,9 @@ def _why(category: str, step: _Step) -> str:
                        " + lora_A's r-wide output (peft lora/layer.py)",
         "DoRA": "per DoRA module: LoRA and base outputs (dora.py)",
         "8-bit matmul inputs": "bitsandbytes MatMul8bitLt keeps its input",
+        "MoE router": "fp32 softmax over the experts, top-k indices and weights (+ its input when adapted)",
+        "MoE experts": "per routed copy (top-k per token): gate_up output, act(gate), down output, indices, "
+                       "the routing weight (+ the grouped matmul inputs of adapted experts)",
     }.get(category, "")
 
 
@@ -708,22 +902,32 @@ def _loss_forward_term(v: int, n: int, logit: int, kv_cache: int) -> MemoryTerm:
     return MemoryTerm("loss forward: logits", (logit + upcast + 4) * v * n + 8 * n + kv_cache, text)
 
 
+def _checkpoint_term(layers: int, act: int, hidden: int, n: int) -> MemoryTerm:
+    return MemoryTerm("checkpointed layer inputs", layers * act * hidden * n,
+                      f"{layers} layer{'s' if layers != 1 else ''} × {act} B × hidden {hidden:,} × {n:,} tokens "
+                      "(each checkpoint keeps its layer's input)")
+
+
 def _dora_transient_term(value: int) -> MemoryTerm:
     return MemoryTerm("DoRA weight-norm transient", value,
                       "4 B × (in² + in·r + 4·in·out) for the largest DoRA module: eye(in), B·A·eye, W in fp32, "
                       "scaling·BA and W + scaling·BA (dora.py get_lora_weight, get_weight_norm)")
 
 
-def _backward_terms(step: _Step, layer: _LayerSaved, n: int, hidden: int) -> list[MemoryTerm]:
+def _backward_terms(step: _Step, layer: _LayerSaved, n: int, hidden: int, tail: int = 0) -> list[MemoryTerm]:
     """A layer's backward working set, approximate (it holds the peak only for small vocabularies):
-    the hidden-state gradient plus the larger of an RMSNorm backward's fp32 temporaries and the
-    MLP's intermediate gradients (of act·up, act and up, and the fp32 path of a LoRA on down)."""
+    the hidden-state gradient plus the larger of an RMSNorm backward's fp32 temporaries, the
+    MLP's intermediate gradients (of act·up, act and up, and the fp32 path of a LoRA on down) and the
+    MoE block's largest moment (by then the `tail` kept after the layers, the final norm's, is freed)."""
     s, width = step.act, layer.mlp_width
     mlp = 3 * s * width + (ADAPTER_BYTES * width if layer.down_adapted else 0)
-    value = (s * hidden + max(4 * 4 * hidden, mlp)) * n
-    return [MemoryTerm("backward working set", value,
-                       f"(hidden-state gradient {s}·{hidden:,} + max(norm 16·{hidden:,}, MLP {mlp:,})) B/token "
-                       f"× {n:,} tokens (approximate)")]
+    moe = max((per_token * n + fixed for per_token, fixed in layer.moe_backward), default=tail) - tail
+    value = s * hidden * n + max(4 * 4 * hidden * n, mlp * n, moe)
+    text = f"max(norm 16·{hidden:,}, MLP {mlp:,}) B/token × {n:,} tokens"
+    if layer.moe_backward:
+        text = f"max(norm 16·{hidden:,} B/token × {n:,} tokens, MoE block {human_bytes(moe)})"
+    return [MemoryTerm("backward working set", value, f"hidden-state gradient {s}·{hidden:,} B/token + {text} "
+                                                      "(approximate)")]
 
 
 @dataclass
@@ -735,6 +939,7 @@ class _Trainable:
     grad_dtype_bytes: int
     tensors: list[tuple[int, int]]  # (numel, bytes per element) of every trainable tensor
     full_lm_head: bool = False
+    grad_by_layer: Counter = field(default_factory=Counter)  # layer index (or "lm_head") -> LoRA gradient bytes
 
 
 def _trainable(structure: ModelStructure, plan: LoraPlan, counted, base: int, kbit: bool) -> _Trainable:
@@ -742,8 +947,10 @@ def _trainable(structure: ModelStructure, plan: LoraPlan, counted, base: int, kb
     resolved = counted.targets
     rank_pattern = {**dict(plan.rank_pattern), **resolved.rank_pattern(plan.r, plan.alpha)[0]}
     tensors: list[tuple[int, int]] = []
+    by_layer: Counter = Counter()
     for m in resolved.modules:
         r = rank_for(rank_pattern, plan.r, m.name)
+        start = len(tensors)
         if m.kind == "conv":
             tensors += [(r * m.in_features * m.kernel, 4), (m.out_features * r, 4)]
         else:
@@ -752,6 +959,8 @@ def _trainable(structure: ModelStructure, plan: LoraPlan, counted, base: int, kb
             tensors.append((m.out_features, 4))
         if plan.lora_bias:
             tensors.append((m.out_features, 4))
+        key = "lm_head" if m.name == structure.output_embeddings else m.layer
+        by_layer[key] += sum(n * b for n, b in tensors[start:])
     other = 4 if kbit else base  # biases and modules_to_save copies keep the base dtype (fp32 after kbit prep)
     if counted.bias_params:
         tensors.append((counted.bias_params, other))
@@ -765,7 +974,7 @@ def _trainable(structure: ModelStructure, plan: LoraPlan, counted, base: int, kb
         text += f" + {other} B × {counted.bias_params + counted.saved_params:,} params trained in full"
     full_lm_head = any(structure.output_embeddings and structure.output_embeddings.endswith(s)
                        for s in plan.modules_to_save)
-    return _Trainable(params, total, text, total, 4, tensors, full_lm_head)
+    return _Trainable(params, total, text, total, 4, tensors, full_lm_head, by_layer)
 
 
 def _optimizer_term(optimizer: str, t: _Trainable) -> MemoryTerm:
@@ -840,6 +1049,17 @@ def _weight_terms(structure: ModelStructure, dtype: str, quant: str, double_quan
     ]
 
 
+def _expert_copy_note(layers: list[_LayerSaved], grad_ckpt: bool) -> list[str]:
+    copies = sum(x.fixed[_EXPERTS_FIXED] for x in layers)
+    if not copies:
+        return []
+    if grad_ckpt:
+        return ["PEFT's expert path (lora.ParamWrapper) makes a W + ΔW copy of each adapted expert stack; with "
+                "checkpointing only the layer being recomputed holds one"]
+    return [f"PEFT's expert path (lora.ParamWrapper) keeps a W + ΔW copy of every adapted expert stack until backward: "
+            f"{human_bytes(copies)} here; gradient checkpointing (--grad-ckpt) keeps one layer's at a time"]
+
+
 def _notes(step: _Step, structure: ModelStructure, quant: str) -> list[str]:
     shape = step.shape
     notes = []
@@ -856,14 +1076,19 @@ def _notes(step: _Step, structure: ModelStructure, quant: str) -> list[str]:
     if structure.model_type not in _VALIDATED:
         notes.append(f"activations are walked for a pre-norm decoder; the GPU check covered Llama, not "
                      f"{structure.model_type or structure.architecture}: read the activation terms as approximate")
-    if any(m.role == "experts" for m in structure.modules):
-        notes.append("MoE expert activations are not modeled: read the total as a lower bound")
+    if shape.moe and structure.model_type not in _MOE_CHECKED:
+        notes.append(f"MoE blocks are walked as transformers' grouped_mm experts with qwen3_moe's and mixtral's "
+                     f"router (checked against autograd); {structure.model_type}'s router or shared experts may keep "
+                     "somewhat more")
+    elif any(m.role == "experts" for m in structure.modules) and not shape.moe:
+        notes.append("MoE expert activations are not modeled for this layout: read the total as a lower bound")
     notes.append(f"max_memory_allocated leaves out the CUDA context (~{human_bytes(CUDA_CONTEXT_BYTES)}); the "
                  f"verdict adds it and a {ALLOCATOR_MARGIN:.0%} allocator margin")
     return notes
 
 
 _VALIDATED = {"llama"}
+_MOE_CHECKED = {"qwen3_moe", "mixtral"}  # tests/test_memory.py: saved tensors and step peaks on the CPU
 
 
 def memory(model, targets="all-linear", rank: int = 8, batch_size: int = 1, seq_len: int = 2048, **kwargs) -> MemoryEstimate:

@@ -10,7 +10,8 @@ Rules (seed 000, "Selecting Target Modules and Rank", unless another source is n
   "very large dataset, complex task: 64-128"); 1k-10k is also capped at 32, the largest rank the
   builder gives there, because r=64 on a few thousand examples overfits (seed 000, Q4);
 - alpha = r; rsLoRA from r = 16; DoRA at half the rank; LoRA+ ratio 16; dropout 0.05;
-  embeddings and lm_head only for new tokens.
+  embeddings and lm_head only for new tokens, trained in full (modules_to_save), as axolotl requires
+  and LLaMA-Factory's resize_vocab does.
 For the builder's four task types every (task, size, complexity) gives exactly its result; later
 evidence that disagrees with a rule is attached as a note with its citation.
 """
@@ -25,6 +26,8 @@ from typing import Any
 
 from ..errors import RunError, UsageError, did_you_mean
 from ..model.roles import FUSED_INTO
+from ..model.targets import parse_spec
+from .alpha import DEFAULT_POLICY, alpha_for, policy_reason
 from .export import LLAMA_NAMES, peft_config
 from .lora_plan import LoraPlan, Reason
 
@@ -148,6 +151,13 @@ class Recommendation:
     def peft_config(self) -> dict[str, Any]:
         return peft_config(self.plan, self.structure)
 
+    def plan_json(self) -> dict[str, Any]:
+        """The plan with resolved values: lora_alpha a number (alpha = r spelled out), targets a list."""
+        data = self.plan.to_dict()
+        data["lora_alpha"] = int(self.plan.alpha) if self.plan.alpha.is_integer() else self.plan.alpha
+        data["targets"] = parse_spec(self.plan.targets)
+        return data
+
     def to_json(self) -> dict[str, Any]:
         behavior, knowledge = QUADRANTS[self.task.quadrant]
         out: dict[str, Any] = {
@@ -157,7 +167,7 @@ class Recommendation:
             "size_bucket": size_bucket(self.examples).label,
             "complexity": self.complexity,
             "model": self.structure.source if self.structure is not None else None,
-            "plan": self.plan.to_dict(),
+            "plan": self.plan_json(),
             "peft_config": self.peft_config(),
             "count": self.count.to_json() if self.count is not None else None,
             "memory": None,
@@ -305,7 +315,7 @@ def _plan(task: Task, examples: int, complexity: str, complexity_given: bool, st
     reasons = [Reason("quadrant", f"quadrant {task.quadrant}: {behavior} behavioral change, {knowledge} knowledge "
                                   f"injection ({task.name})", SEED)]
 
-    targets, target_reasons = _targets(task, structure, new_tokens)
+    targets, target_reasons = _targets(task, structure)
     reasons += target_reasons
 
     bucket = size_bucket(examples)
@@ -335,13 +345,7 @@ def _plan(task: Task, examples: int, complexity: str, complexity_given: bool, st
     else:
         reasons.append(Reason("use_rslora", f"off: at r={r} (< 16) rsLoRA changes little", SEED))
 
-    if rslora:
-        reasons.append(Reason("lora_alpha", f"alpha = r = {r} (alpha/sqrt(r) = {math.sqrt(r):.3g}), as the seed's "
-                                            "build_lora_config sets it", SEED))
-    else:
-        reasons.append(Reason("lora_alpha", f"alpha = r = {r} (alpha/r = 1): alpha follows r, so changing r does not "
-                                            "silently change the effective learning rate (never a fixed alpha while r "
-                                            "varies)", SEED))
+    reasons.append(Reason("lora_alpha", policy_reason(r, rslora), SEED))
     if rslora:
         reasons.append(Reason("note", f"with rsLoRA and alpha = r the update is scaled by sqrt(r) = "
                                       f"{math.sqrt(r):.3g}, "
@@ -376,21 +380,42 @@ def _plan(task: Task, examples: int, complexity: str, complexity_given: bool, st
     reasons.append(Reason("task_type", f"{task_type}: {head}"))
     if task.roles != ("attention", "mlp"):
         reasons.append(Reason("note", ATTENTION_ONLY_NOTE, ATTENTION_ONLY_SOURCE))
+    saved: tuple[str, ...] = ()
     if new_tokens:
-        reasons.append(Reason("note", "LoRA on the embedding gives new token rows only a rank-r subspace; PEFT's "
-                                      "trainable_token_indices (the new ids) trains exactly those rows, "
-                                      "modules_to_save "
-                                      "trains full copies (what axolotl asks for when it adds tokens); resize the "
-                                      "embeddings before get_peft_model"))
+        saved = _embedding_names(structure)
+        reasons.append(Reason("modules_to_save", f"{', '.join(saved)} (--new-tokens): new token rows need their input "
+                                                 "and output weights learned, so both are trained in full; what "
+                                                 "axolotl requires when it adds tokens and what LLaMA-Factory's "
+                                                 "resize_vocab does (LoRA on them gives each new row only a rank-r "
+                                                 "code, and TRL refuses LoRA on lm_head)", SEED))
+        reasons.append(Reason("new_tokens", "new tokens: add them to the tokenizer and resize the embeddings before the "
+                                            "adapter is built (axolotl: `tokens:`; LLaMA-Factory: resize_vocab; PEFT: "
+                                            "model.resize_token_embeddings before get_peft_model); when you know the "
+                                            "new ids, PEFT's trainable_token_indices (axolotl: "
+                                            "peft_trainable_token_indices) = {'" + saved[0] + "': [the new ids]} "
+                                            "trains only those rows instead of full copies, far fewer parameters"))
     if new_tokens and structure is not None and structure.tied_embeddings:
-        reasons.append(Reason("note", f"{structure.architecture} ties lm_head to the input embeddings: PEFT's "
-                                      "ensure_weight_tying=True keeps their two adapters tied (peft issue 2777)"))
-    return LoraPlan(targets=targets, r=r, lora_alpha=None, use_rslora=rslora, use_dora=dora,
-                    loraplus_lr_ratio=ratio, lora_dropout=0.05, bias="none", task_type=task_type,
-                    reasons=tuple(reasons))
+        reasons.append(Reason("new_tokens", f"{structure.architecture} ties lm_head to the input embeddings: "
+                                      "modules_to_save trains two separate copies (counted here), so the adapter "
+                                      "unties them; PEFT's ensure_weight_tying=True (axolotl peft_ensure_weight_tying) "
+                                      "keeps one, about half the trainable parameters"))
+    return LoraPlan(targets=targets, r=r, lora_alpha=alpha_for(DEFAULT_POLICY, r), use_rslora=rslora, use_dora=dora,
+                    loraplus_lr_ratio=ratio, lora_dropout=0.0 if experts else 0.05, bias="none", modules_to_save=saved,
+                    task_type=task_type, reasons=tuple(reasons))
 
 
-def _targets(task: Task, structure, new_tokens: bool) -> tuple[str, list[Reason]]:
+def _embedding_names(structure) -> tuple[str, ...]:
+    """The names PEFT's modules_to_save takes for the input embeddings and the output layer."""
+    if structure is None:
+        return (LLAMA_NAMES["embed"], LLAMA_NAMES["lm_head"])
+    names = [n.rpartition(".")[2] for n in (structure.input_embeddings, structure.output_embeddings) if n]
+    if not names:
+        raise UsageError(f"--new-tokens: {structure.architecture} has no input embeddings loraplan can find",
+                         "leave out --new-tokens")
+    return tuple(dict.fromkeys(names))
+
+
+def _targets(task: Task, structure) -> tuple[str, list[Reason]]:
     """The module set as a target spec: PEFT's Llama names without a model, the roles with one."""
     roles = list(task.roles)
     reasons: list[Reason] = []
@@ -398,8 +423,6 @@ def _targets(task: Task, structure, new_tokens: bool) -> tuple[str, list[Reason]
         roles, fused = _unfused(structure, roles)
         if fused:
             reasons.append(Reason("targets", fused))
-    if new_tokens:
-        roles += ["embed", "lm_head"]
     if structure is None:
         expand = {"attention": ["q", "k", "v", "o"], "mlp": ["gate", "up", "down"]}
         names = [LLAMA_NAMES[x] for r in roles for x in expand.get(r, [r])]
@@ -410,9 +433,6 @@ def _targets(task: Task, structure, new_tokens: bool) -> tuple[str, list[Reason]
         shown = f"{spec} -> {_peft_names(structure, spec)}"
     text = f"{shown}: {task.why_targets}"
     reasons.insert(0, Reason("targets", text, SEED))
-    if new_tokens:
-        reasons.append(Reason("targets", "embed + lm_head (--new-tokens): new tokens need their input and output "
-                                         "rows learned (the seed's maximum-adaptation set)", SEED))
     return spec, reasons
 
 

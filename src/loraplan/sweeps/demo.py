@@ -74,11 +74,11 @@ def run_demo(out: str | Path = "loraplan-demo", *, planted: PlantedSpec | None =
                    overrides={"trials": trials, **{f"training.{k}": v for k, v in (training or DEMO_TRAINING).items()},
                               "data.max_length": task.spec.seq_len + 8},
                    progress=progress)
-    recommended = result.summary.get("recommended")
+    recommended = result.summary.recommended
     found_modules = found_rank = False
     if recommended:
-        rec = next(r for r in result.results if r["name"] == recommended)
-        chosen = {m.name for m in resolve_targets(structure, rec["targets"]).modules}
+        rec = next(r for r in result.results if r.name == recommended)
+        chosen = {m.name for m in resolve_targets(structure, rec.targets).modules}
         found_modules = set(task.modules) <= chosen
-        found_rank = rec["r"] >= task.spec.rank
+        found_rank = rec.r >= task.spec.rank
     return DemoResult(task, result, found_modules, found_rank, recommended)

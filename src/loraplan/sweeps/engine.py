@@ -1,10 +1,14 @@
 """The PEFT engine: trains a group of LoRA trials on one frozen base model, loaded once.
 
 Each trial is a named adapter on the same PeftModel (PEFT holds several adapters at once; only the
-active one trains), created under the same seed, so configs with equal shapes start equal. The
+active one trains), created under the same seed, so configs with equal shapes start equal. PEFT
+lets adapters share a model only when their `target_parameters` (MoE experts, routers) are the same
+set: a trial that needs another set parks the others (weights, optimizer and schedule kept, their
+adapters removed) and each comes back when it next trains or is saved. The
 runner drives the engine through `start` / `advance` / `finish` and decides the schedule (one after
 another, or successive halving); the engine knows nothing about files — it reports through each
-trial's recorder. A faster engine can replace this one behind the same four calls.
+trial's `TrialWriter` (sweeps/folder.py). A faster engine can replace this one behind the same four
+calls.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ from dataclasses import dataclass, field
 from ..data.batches import MicroBatch
 from ..errors import UsageError
 from ..plan.lora_plan import LoraPlan
-from .folder import TrialRecorder, now
+from .folder import (
+    EvalBatches,
+    EvalPoint,
+    TrainPoint,
+    TrialPlan,
+    TrialResult,
+    TrialStatus,
+    TrialWriter,
+    now,
+)
 from .ranking import weighted_mean_sem
 from .spec import TrainingSettings, Trial
 
@@ -30,22 +43,24 @@ BLOWUP_FACTOR = 3.0
 @dataclass
 class TrialState:
     trial: Trial
-    recorder: TrialRecorder
+    writer: TrialWriter
     peft_config: dict
     optimizer: object = None
     scheduler: object = None
     params: list = field(default_factory=list)
     step: int = 0
-    status: str | None = None  # None while it can still train
+    status: TrialStatus | None = None  # None while it can still train
     message: str | None = None
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     train_seconds: float = 0.0
     started: float = field(default_factory=time.time)
     started_at: str = field(default_factory=now)
-    last_eval: dict | None = None
+    last_eval: EvalPoint | None = None
+    last_eval_batches: EvalBatches | None = None
     peak_memory: int | None = None
     rng: object = None
+    parked: dict | None = None  # while its adapter is off the model: weights, optimizer and schedule state
 
     @property
     def name(self) -> str:
@@ -79,6 +94,8 @@ class PeftEngine:
         self.device = None
         self.pad_id = 0
         self.pad_multiple = 1
+        self.live: dict[str, TrialState] = {}  # started and not finished, attached or parked
+        self.notes: list[str] = []  # what the output should say about how trials ran (fallbacks)
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -121,28 +138,22 @@ class PeftEngine:
 
     # -- the four calls -----------------------------------------------------------------------------
 
-    def start(self, trial: Trial, recorder: TrialRecorder, training: dict) -> TrialState:
+    def start(self, trial: Trial, writer: TrialWriter, training: dict) -> TrialState:
         """Attach a fresh adapter for the trial (seeded), its optimizer and schedule."""
         import torch
-        from peft import LoraConfig, get_peft_model
 
         plan: LoraPlan = trial.plan
         kwargs = plan.to_peft_kwargs(self.structure)
-        recorder.start({"name": trial.name, "plan": plan.to_dict(), "peft_config": kwargs, "training": training})
-        state = TrialState(trial=trial, recorder=recorder, peft_config=kwargs)
+        writer.start(TrialPlan(trial.name, plan.to_dict(), kwargs, training))
+        state = TrialState(trial=trial, writer=writer, peft_config=kwargs)
         seed = self.settings.seed
         torch.manual_seed(seed)
-        config = LoraConfig(**kwargs)
         try:
-            if self.peft_model is None:
-                self.peft_model = get_peft_model(self.base, config, adapter_name=trial.name)
-            else:
-                self.peft_model.add_adapter(trial.name, config)
+            self._attach(state)
         except (ValueError, TypeError, RuntimeError) as e:
-            state.status, state.message = "failed", f"PEFT could not build the adapter: {e}"
+            state.status, state.message = TrialStatus.FAILED, f"PEFT could not build the adapter: {e}"
             return state
-        self.peft_model.set_adapter(trial.name)
-        state.params = [p for n, p in self.peft_model.named_parameters() if p.requires_grad]
+        self.live[state.name] = state
         state.optimizer = self._optimizer(plan, state.params)
         state.scheduler = self._scheduler(state.optimizer)
         torch.manual_seed(seed + 1)  # dropout: the same stream for every trial
@@ -157,19 +168,21 @@ class PeftEngine:
             if state.status is None:
                 self._advance_one(state, steps, until, eval_set, eval_every, progress)
 
-    def finish(self, state: TrialState, status: str | None = None, message: str | None = None) -> dict:
+    def finish(self, state: TrialState, status: TrialStatus | None = None,
+               message: str | None = None) -> TrialResult:
         """Record the trial's result, save its adapter (when it trained), and detach it."""
-        state.status = status or state.status or "completed"
+        state.status = status or state.status or TrialStatus.COMPLETED
         state.message = message or state.message
         saved = False
-        if state.status in ("completed", "pruned") and self.peft_model is not None:
+        if state.status in (TrialStatus.COMPLETED, TrialStatus.PRUNED) and state.parked is not None:
+            self._unpark(state)
+        if state.status in (TrialStatus.COMPLETED, TrialStatus.PRUNED) and self.peft_model is not None:
             try:
-                state.recorder.save_adapter(self.peft_model, state.name)
+                state.writer.save_adapter(self.peft_model, state.name)
                 saved = True
             except OSError as e:
-                state.status, state.message = "failed", f"could not save the adapter: {e}"
-        result = self._result(state, saved)
-        state.recorder.finish(result)
+                state.status, state.message = TrialStatus.FAILED, f"could not save the adapter: {e}"
+        result = state.writer.finish(self._result(state, saved))
         self._detach(state)
         return result
 
@@ -177,8 +190,59 @@ class PeftEngine:
         if self.peft_model is not None:
             self.base = self.peft_model.unload()
             self.peft_model = None
+        self.live.clear()
 
     # -- internals ------------------------------------------------------------------------------------
+
+    def _attach(self, state: TrialState) -> None:
+        """Put the trial's adapter on the model (fresh, seeded by the caller) and make it the active one.
+        PEFT nests its ParamWrappers per set of `target_parameters`, so a trial whose set differs from
+        an attached adapter's parks every other trial and starts from the bare base."""
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(**state.peft_config)
+        mine = set(config.target_parameters or ())
+        if self.peft_model is not None and mine and any(
+                set(other.target_parameters or ()) not in (set(), mine) for other in self.peft_model.peft_config.values()):
+            for other in self.live.values():
+                if other is not state and other.parked is None:
+                    self._park(other)
+            self.base = self.peft_model.unload()
+            self.peft_model = None
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(self.base, config, adapter_name=state.name)
+        else:
+            self.peft_model.add_adapter(state.name, config)
+        self.peft_model.set_adapter(state.name)
+        state.params = [p for _, p in self.peft_model.named_parameters() if p.requires_grad]
+
+    def _park(self, state: TrialState) -> None:
+        """Keep the trial's weights, optimizer and schedule state off the model (its adapter goes with
+        the next unload)."""
+        from peft import get_peft_model_state_dict
+
+        weights = get_peft_model_state_dict(self.peft_model, adapter_name=state.name)
+        state.parked = {"weights": {k: v.detach().clone() for k, v in weights.items()},
+                        "optimizer": state.optimizer.state_dict() if state.optimizer is not None else None,
+                        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+                        "shapes": [tuple(p.shape) for p in state.params]}
+        state.optimizer = state.scheduler = None
+        state.params = []
+
+    def _unpark(self, state: TrialState) -> None:
+        """Attach a parked trial again with the weights and optimizer state it had."""
+        from peft import set_peft_model_state_dict
+
+        parked, state.parked = state.parked, None
+        self._attach(state)
+        set_peft_model_state_dict(self.peft_model, parked["weights"], adapter_name=state.name)
+        if [tuple(p.shape) for p in state.params] != parked["shapes"]:
+            raise RuntimeError(f"trial {state.name}: its adapter came back with other parameters")
+        state.optimizer = self._optimizer(state.trial.plan, state.params)
+        state.scheduler = self._scheduler(state.optimizer)
+        if parked["optimizer"] is not None:
+            state.optimizer.load_state_dict(parked["optimizer"])
+            state.scheduler.load_state_dict(parked["scheduler"])
 
     def _optimizer(self, plan: LoraPlan, params):
         import torch
@@ -209,25 +273,28 @@ class PeftEngine:
     def _advance_one(self, state, steps, until, eval_set, eval_every, progress) -> None:
         import torch
 
-        self.peft_model.set_adapter(state.name)
-        torch.set_rng_state(state.rng)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
+            if state.parked is not None:
+                self._unpark(state)
+            self.peft_model.set_adapter(state.name)
+            torch.set_rng_state(state.rng)
             while state.step < until and state.status is None:
                 self._train_step(state, steps[state.step])
                 if progress is not None:
                     progress(state)
                 if state.status is None and (state.step % eval_every == 0 or state.step == until):
-                    state.last_eval = self.evaluate(state, eval_set)
+                    state.last_eval, state.last_eval_batches = self.evaluate(state, eval_set)
         except torch.OutOfMemoryError as e:
-            state.status, state.message = "oom", f"out of memory at step {state.step + 1}: {str(e).splitlines()[0]}"
+            state.status, state.message = TrialStatus.OOM, f"out of memory at step {state.step + 1}: {str(e).splitlines()[0]}"
             self._release(state)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - one broken trial must not stop the sweep
-            state.status, state.message = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            (state.recorder.folder / "error.txt").write_text(traceback.format_exc())
+            state.status = TrialStatus.FAILED
+            state.message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            state.writer.write_error(traceback.format_exc())
             self._release(state)
         finally:
             state.rng = torch.get_rng_state()
@@ -257,24 +324,14 @@ class PeftEngine:
             total += loss.item()
             state.tokens += int(mask.sum())
         state.step += 1
-        lr = state.optimizer.param_groups[0]["lr"]
-        state.losses.append(total)
-        state.recorder.log({"kind": "train", "step": state.step, "train_loss": total, "lr": lr,
-                            "tokens": state.tokens, "elapsed_s": round(time.time() - state.started, 3)})
-        if not math.isfinite(total):
-            state.status, state.message = "diverged", f"loss is {total} at step {state.step}"
-            state.optimizer.zero_grad(set_to_none=True)
-            return
-        start = sorted(state.losses[:3])[len(state.losses[:3]) // 2]
-        if state.step > 3 and total > BLOWUP_FACTOR * start:
-            state.status = "diverged"
-            state.message = f"loss blew up to {total:.3g} at step {state.step} (started at {start:.3g})"
+        record_train_loss(state, total, state.optimizer.param_groups[0]["lr"])
+        if state.status is not None:
             state.optimizer.zero_grad(set_to_none=True)
             return
         if self.settings.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(state.params, self.settings.max_grad_norm)
             if not torch.isfinite(norm):
-                state.status, state.message = "diverged", f"gradient norm is {float(norm)} at step {state.step}"
+                state.status, state.message = TrialStatus.DIVERGED, grad_norm_message(float(norm), state.step)
                 state.optimizer.zero_grad(set_to_none=True)
                 return
         state.optimizer.step()
@@ -282,15 +339,25 @@ class PeftEngine:
         state.optimizer.zero_grad(set_to_none=True)
         state.train_seconds += time.perf_counter() - t0
 
-    def evaluate(self, state: TrialState, eval_set: list[MicroBatch]) -> dict:
+    def evaluate(self, state: TrialState, eval_set: list[MicroBatch]) -> tuple[EvalPoint, EvalBatches]:
         """Token-weighted eval loss, its standard error from the per-batch losses, and the per-batch
         values (so two trials can be compared batch by batch)."""
+        t0 = time.time()
+        losses, counts = self._eval_losses(eval_set)
+        mean, sem = weighted_mean_sem(losses, counts)
+        point = EvalPoint(state.step, mean, sem, len(losses), round(time.time() - state.started, 3),
+                          round(time.time() - t0, 3))
+        state.writer.log(point)
+        return point, EvalBatches(losses, counts)
+
+    def _eval_losses(self, eval_set: list[MicroBatch]) -> tuple[list[float], list[int]]:
+        """Each eval batch's mean loss over its supervised tokens, and that count (batches without any
+        are left out)."""
         import torch
 
         model = self.peft_model
         model.eval()
         losses, counts = [], []
-        t0 = time.time()
         with torch.no_grad():
             for mb in eval_set:
                 n = mb.supervised
@@ -299,12 +366,7 @@ class PeftEngine:
                 ids, labels, mask = mb.tensors(self.device, self.pad_id, self.pad_multiple)
                 losses.append(float(model_loss(model, ids, labels, mask, n)))
                 counts.append(n)
-        mean, sem = weighted_mean_sem(losses, counts)
-        row = {"kind": "eval", "step": state.step, "eval_loss": mean, "eval_loss_sem": sem,
-               "eval_batches": len(losses), "elapsed_s": round(time.time() - state.started, 3),
-               "eval_seconds": round(time.time() - t0, 3)}
-        state.recorder.log(row)
-        return {**row, "batch_losses": losses, "batch_tokens": counts}
+        return losses, counts
 
     def _release(self, state: TrialState) -> None:
         import torch
@@ -319,6 +381,8 @@ class PeftEngine:
 
         state.optimizer = state.scheduler = None
         state.params = []
+        state.parked = None
+        self.live.pop(state.name, None)
         if self.peft_model is not None and state.name in self.peft_model.peft_config:
             others = [n for n in self.peft_model.peft_config if n != state.name]
             if others:
@@ -330,36 +394,42 @@ class PeftEngine:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _result(self, state: TrialState, saved: bool) -> dict:
+    def _result(self, state: TrialState, saved: bool) -> TrialResult:
         p = state.trial.plan
         tail = state.losses[-max(1, len(state.losses) // 10):] if state.losses else []
         finite_tail = [x for x in tail if math.isfinite(x)]
-        ev = state.last_eval or {}
-        return {
-            "name": state.name,
-            "status": state.status,
-            "message": state.message,
-            "targets": p.targets,
-            "r": p.r,
-            "lora_alpha": p.alpha,
-            "use_rslora": p.use_rslora,
-            "use_dora": p.use_dora,
-            "loraplus_lr_ratio": p.loraplus_lr_ratio,
-            "lora_dropout": p.lora_dropout,
-            "trainable_params": sum(x.numel() for x in state.params) if state.params else None,
-            "eval_loss": ev.get("eval_loss"),
-            "eval_loss_sem": ev.get("eval_loss_sem"),
-            "eval_step": ev.get("step"),
-            "train_loss": sum(finite_tail) / len(finite_tail) if finite_tail else None,
-            "steps": state.step,
-            "wall_s": round(time.time() - state.started, 3),
-            "train_s": round(state.train_seconds, 3),
-            "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
-            "peak_memory_bytes": state.peak_memory,
-            "adapter": "adapter" if saved else None,
-            "eval_batches": {"loss": ev.get("batch_losses"), "tokens": ev.get("batch_tokens")} if ev else None,
-            "started": state.started_at,
-        }
+        ev = state.last_eval
+        return TrialResult(
+            name=state.name, status=state.status, message=state.message,
+            targets=p.targets, r=p.r, lora_alpha=p.alpha, use_rslora=p.use_rslora, use_dora=p.use_dora,
+            loraplus_lr_ratio=p.loraplus_lr_ratio, lora_dropout=p.lora_dropout,
+            trainable_params=sum(x.numel() for x in state.params) if state.params else None,
+            eval_loss=ev.eval_loss if ev else None, eval_loss_sem=ev.eval_loss_sem if ev else None,
+            eval_step=ev.step if ev else None,
+            train_loss=sum(finite_tail) / len(finite_tail) if finite_tail else None,
+            steps=state.step, wall_s=round(time.time() - state.started, 3), train_s=round(state.train_seconds, 3),
+            tokens_per_s=round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
+            peak_memory_bytes=state.peak_memory, adapter="adapter" if saved else None,
+            eval_batches=state.last_eval_batches if ev else None, started=state.started_at,
+            engine="peft")
+
+
+def record_train_loss(state: TrialState, total: float, lr: float) -> None:
+    """Log step `state.step`'s train loss; mark the trial diverged when the loss is not finite or
+    has blown up (above BLOWUP_FACTOR × the median of the first three steps)."""
+    state.losses.append(total)
+    state.writer.log(TrainPoint(state.step, total, lr, state.tokens, round(time.time() - state.started, 3)))
+    if not math.isfinite(total):
+        state.status, state.message = TrialStatus.DIVERGED, f"loss is {total} at step {state.step}"
+        return
+    start = sorted(state.losses[:3])[len(state.losses[:3]) // 2]
+    if state.step > 3 and total > BLOWUP_FACTOR * start:
+        state.status = TrialStatus.DIVERGED
+        state.message = f"loss blew up to {total:.3g} at step {state.step} (started at {start:.3g})"
+
+
+def grad_norm_message(norm: float, step: int) -> str:
+    return f"gradient norm is {norm} at step {step}"
 
 
 def model_loss(model, ids, labels, mask, num_items: int):

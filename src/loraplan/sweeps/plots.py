@@ -1,5 +1,5 @@
-"""The sweep's plots as PNG files: one function per plot, plain data in (result.json dicts, metrics
-rows, probe.json / analysis.json), a path out.
+"""The sweep's plots as PNG files: one function per plot, the sweep folder's records in (`TrialResult`,
+metrics points; probe.json / analysis.json as read), a path out.
 
 Matplotlib's object API on a bare `Figure` (Agg, no pyplot state, no display). Every plot stays
 readable in grayscale and on a laptop screen: series differ by marker and line style as well as
@@ -19,6 +19,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
 from ..files import atomic_path
+from .folder import EvalPoint, MetricPoint, TrainPoint, TrialResult, TrialStatus
 
 # Okabe & Ito (2008) colour-blind-safe palette; lightness differs enough to survive grayscale,
 # and markers/line styles carry the distinction anyway.
@@ -35,27 +36,31 @@ def finite(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def completed(results: Iterable[Mapping]) -> list[Mapping]:
+def completed(results: Iterable[TrialResult]) -> list[TrialResult]:
     """Trials that finished and have an eval loss to plot."""
-    return [r for r in results if r.get("status") == "completed" and finite(r.get("eval_loss"))]
+    return [r for r in results if r.comparable]
 
 
-def not_plotted(results: Iterable[Mapping]) -> list[Mapping]:
-    return [r for r in results if not (r.get("status") == "completed" and finite(r.get("eval_loss")))]
+def not_plotted(results: Iterable[TrialResult]) -> list[TrialResult]:
+    return [r for r in results if not r.comparable]
 
 
-def series_key(result: Mapping) -> str:
+def series_key(result: TrialResult) -> str:
     """One line per module set; DoRA and LoRA+ are different methods, so they get their own line.
     rsLoRA only changes the scale alpha/sqrt(r) and is shown by the marker fill instead."""
-    key = str(result.get("targets") or "?")
-    if result.get("use_dora"):
+    key = str(result.targets or "?")
+    if result.use_dora:
         key += " · DoRA"
-    if finite(result.get("loraplus_lr_ratio")):
-        key += f" · LoRA+ ×{result['loraplus_lr_ratio']:g}"
+    if finite(result.loraplus_lr_ratio):
+        key += f" · LoRA+ ×{result.loraplus_lr_ratio:g}"
     return key
 
 
-def series_styles(results: Iterable[Mapping]) -> dict[str, dict]:
+def _loss(point: MetricPoint) -> float | None:
+    return point.train_loss if isinstance(point, TrainPoint) else point.eval_loss
+
+
+def series_styles(results: Iterable[TrialResult]) -> dict[str, dict]:
     """A colour, marker and line style per series, in first-seen order, shared by every plot so a
     module set looks the same in all of them."""
     styles: dict[str, dict] = {}
@@ -80,39 +85,39 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def failed_caption(results: Iterable[Mapping], what: str = "not plotted") -> str | None:
-    names = [f"{r.get('name', '?')} ({r.get('status', '?')})" for r in results]
+def failed_caption(results: Iterable[TrialResult], what: str = "not plotted") -> str | None:
+    names = [f"{r.name} ({r.status.value})" for r in results]
     if not names:
         return None
     return textwrap.fill(f"{what}: " + ", ".join(names), width=120)
 
 
-def eval_loss_vs_rank(results: list[dict], path) -> Path:
+def eval_loss_vs_rank(results: list[TrialResult], path) -> Path:
     """Eval loss against r on a log2 axis, one line per module set, ±1 standard error bars: the
     seeds' "plot eval loss vs r" (the optimum is the lowest point; past it, overfitting)."""
     return save(eval_loss_vs_rank_figure(results), path)
 
 
-def eval_loss_vs_rank_figure(results: list[dict]) -> Figure:
+def eval_loss_vs_rank_figure(results: list[TrialResult]) -> Figure:
     fig, ax = _figure(4.8)
     done = completed(results)
     styles = series_styles(done)
-    ranks = sorted({int(r["r"]) for r in done if finite(r.get("r"))})
+    ranks = sorted({int(r.r) for r in done if finite(r.r)})
     fills = set()
     handles = []
     for i, (key, style) in enumerate(styles.items()):
-        points = sorted((r for r in done if series_key(r) == key), key=lambda r: (r["r"], bool(r.get("use_rslora"))))
+        points = sorted((r for r in done if series_key(r) == key), key=lambda r: (r.r, r.use_rslora))
         # Series that share a rank are nudged apart (±4% of an octave) so their error bars stay visible.
         dodge = 2 ** (0.04 * (i - (len(styles) - 1) / 2))
-        xs = [p["r"] * dodge for p in points]
-        ys = [p["eval_loss"] for p in points]
-        errs = [p.get("eval_loss_sem") if finite(p.get("eval_loss_sem")) else 0.0 for p in points]
+        xs = [p.r * dodge for p in points]
+        ys = [p.eval_loss for p in points]
+        errs = [p.eval_loss_sem if finite(p.eval_loss_sem) else 0.0 for p in points]
         ax.errorbar(xs, ys, yerr=errs, color=style["color"], linestyle=style["linestyle"], linewidth=1.6,
                     capsize=3, marker="none")
         for x, p in zip(xs, points, strict=True):
-            rs = bool(p.get("use_rslora"))
+            rs = p.use_rslora
             fills.add(rs)
-            ax.plot([x], [p["eval_loss"]], linestyle="none", marker=style["marker"], markersize=8,
+            ax.plot([x], [p.eval_loss], linestyle="none", marker=style["marker"], markersize=8,
                     color=style["color"], markeredgewidth=1.6, markerfacecolor=style["color"] if rs else "white")
         handles.append(Line2D([], [], color=style["color"], linestyle=style["linestyle"], marker=style["marker"],
                               markersize=7, linewidth=1.6, label=key))
@@ -133,26 +138,26 @@ def eval_loss_vs_rank_figure(results: list[dict]) -> Figure:
     return fig
 
 
-def eval_loss_vs_params(results: list[dict], path, recommended: str | None = None,
+def eval_loss_vs_params(results: list[TrialResult], path, recommended: str | None = None,
                         noise: float | None = None) -> Path:
     """Eval loss against trainable parameters (log axis) with the Pareto front; the band above the
     best loss is the noise within which the cheapest trial is recommended."""
     return save(eval_loss_vs_params_figure(results, recommended, noise), path)
 
 
-def eval_loss_vs_params_figure(results: list[dict], recommended: str | None = None,
+def eval_loss_vs_params_figure(results: list[TrialResult], recommended: str | None = None,
                                noise: float | None = None) -> Figure:
     fig, ax = _figure(4.8)
-    done = [r for r in completed(results) if finite(r.get("trainable_params")) and r["trainable_params"] > 0]
+    done = [r for r in completed(results) if finite(r.trainable_params) and r.trainable_params > 0]
     styles = series_styles(done)
     for key, style in styles.items():
         points = [r for r in done if series_key(r) == key]
-        ax.errorbar([p["trainable_params"] for p in points], [p["eval_loss"] for p in points],
-                    yerr=[p.get("eval_loss_sem") if finite(p.get("eval_loss_sem")) else 0.0 for p in points],
+        ax.errorbar([p.trainable_params for p in points], [p.eval_loss for p in points],
+                    yerr=[p.eval_loss_sem if finite(p.eval_loss_sem) else 0.0 for p in points],
                     linestyle="none", marker=style["marker"], markersize=8, color=style["color"],
                     markerfacecolor=style["color"], capsize=3, label=key)
     if done:
-        points = [(float(r["trainable_params"]), float(r["eval_loss"])) for r in done]
+        points = [(float(r.trainable_params), float(r.eval_loss)) for r in done]
         front = [points[i] for i in pareto_front(points)]
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.15", linestyle=":",
                 linewidth=1.4, zorder=1, label="Pareto front (no trial is smaller and better)")
@@ -160,14 +165,14 @@ def eval_loss_vs_params_figure(results: list[dict], recommended: str | None = No
         if finite(noise) and noise > 0:
             ax.axhspan(best, best + noise, facecolor="0.85", edgecolor="0.5", hatch="..", linewidth=0,
                        zorder=0, label=f"within noise of the best (+{noise:.3g})")
-        front_names = {done[i]["name"] for i in pareto_front(points)}
-        labelled = [r for r in done if len(done) <= 14 or r["name"] in front_names]
-        _label_points(ax, [(r["trainable_params"], r["eval_loss"], r["name"]) for r in labelled])
-        rec = next((r for r in done if r["name"] == recommended), None)
+        front_names = {done[i].name for i in pareto_front(points)}
+        labelled = [r for r in done if len(done) <= 14 or r.name in front_names]
+        _label_points(ax, [(r.trainable_params, r.eval_loss, r.name) for r in labelled])
+        rec = next((r for r in done if r.name == recommended), None)
         if rec:
-            ax.plot([rec["trainable_params"]], [rec["eval_loss"]], linestyle="none", marker="o", markersize=17,
+            ax.plot([rec.trainable_params], [rec.eval_loss], linestyle="none", marker="o", markersize=17,
                     markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.8,
-                    label=f"recommended: {rec['name']}")
+                    label=f"recommended: {rec.name}")
         ax.set_xscale("log")
         xs = [p[0] for p in points]
         # room on both sides for the names written next to the end points
@@ -178,13 +183,13 @@ def eval_loss_vs_params_figure(results: list[dict], recommended: str | None = No
     return fig
 
 
-def loss_curves(curves: Mapping[str, list[dict]], path, statuses: Mapping[str, str] | None = None) -> Path:
+def loss_curves(curves: Mapping[str, list[MetricPoint]], path, statuses: Mapping[str, str] | None = None) -> Path:
     """Train loss per step and eval loss at intervals, one small panel per trial on a shared
     loss axis; non-finite losses are marked where they start."""
     return save(loss_curves_figure(curves, statuses), path)
 
 
-def loss_curves_figure(curves: Mapping[str, list[dict]], statuses: Mapping[str, str] | None = None) -> Figure:
+def loss_curves_figure(curves: Mapping[str, list[MetricPoint]], statuses: Mapping[str, str] | None = None) -> Figure:
     statuses = statuses or {}
     names = list(curves)
     ncols = max(1, min(3, len(names)))
@@ -192,27 +197,26 @@ def loss_curves_figure(curves: Mapping[str, list[dict]], statuses: Mapping[str, 
     fig = Figure(figsize=(WIDTH_IN, 0.6 + 2.5 * nrows), layout="constrained")
     # Shared axes: a pruned or diverged trial visibly stops early, and losses compare across panels.
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
-    values = [row[k] for rows in curves.values() for row in rows for k in ("train_loss", "eval_loss")
-              if finite(row.get(k))]
+    values = [_loss(p) for points in curves.values() for p in points if finite(_loss(p))]
     if values:
         # The top is each trial's first logged loss, not the max: a run that diverges climbs past its
         # start, and must not flatten every other panel.
-        starts = [next((row[k] for row in rows if finite(row.get(k))), None)
-                  for rows in curves.values() for k in ("train_loss", "eval_loss")]
+        starts = [next((_loss(p) for p in points if isinstance(p, kind) and finite(_loss(p))), None)
+                  for points in curves.values() for kind in (TrainPoint, EvalPoint)]
         lo, hi = min(values), max(s for s in starts if s is not None)
         pad = 0.06 * (hi - lo or abs(hi) or 1.0)
         axes[0][0].set_ylim(lo - pad, hi + pad)
     for i, name in enumerate(names):
         ax = axes[i // ncols][i % ncols]
         rows = curves[name]
-        train = [(r["step"], r.get("train_loss")) for r in rows if r.get("kind") == "train" and finite(r.get("step"))]
-        evals = [r for r in rows if r.get("kind") == "eval" and finite(r.get("step")) and finite(r.get("eval_loss"))]
+        train = [(p.step, p.train_loss) for p in rows if isinstance(p, TrainPoint)]
+        evals = [p for p in rows if isinstance(p, EvalPoint) and finite(p.eval_loss)]
         good = [(s, v) for s, v in train if finite(v)]
         if good:
             ax.plot([s for s, _ in good], [v for _, v in good], color=COLORS[0], linewidth=1.0, label="train loss")
         if evals:
-            ax.errorbar([r["step"] for r in evals], [r["eval_loss"] for r in evals],
-                        yerr=[r.get("eval_loss_sem") if finite(r.get("eval_loss_sem")) else 0.0 for r in evals],
+            ax.errorbar([p.step for p in evals], [p.eval_loss for p in evals],
+                        yerr=[p.eval_loss_sem if finite(p.eval_loss_sem) else 0.0 for p in evals],
                         color=COLORS[1], linestyle="--", marker="s", markersize=4.5, markerfacecolor="white",
                         capsize=2, linewidth=1.2, label="eval loss ±1 s.e.")
         bad = next((s for s, v in train if not finite(v)), None)
@@ -241,22 +245,22 @@ def loss_curves_figure(curves: Mapping[str, list[dict]], statuses: Mapping[str, 
     return fig
 
 
-def cost_per_trial(results: list[dict], path) -> Path:
+def cost_per_trial(results: list[TrialResult], path) -> Path:
     """Peak memory (GiB) and wall time (s) per trial, side by side; trials that did not complete
     are hatched and carry their status."""
     return save(cost_per_trial_figure(results), path)
 
 
-def cost_per_trial_figure(results: list[dict]) -> Figure:
+def cost_per_trial_figure(results: list[TrialResult]) -> Figure:
     n = max(1, len(results))
     fig = Figure(figsize=(WIDTH_IN, max(2.6, 1.4 + 0.38 * n)), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    names = [str(r.get("name", "?")) for r in results]
+    names = [r.name for r in results]
     ys = list(range(len(results)))
     panels = ((axes[0], "peak_memory_bytes", GIB, "peak memory (GiB)", "{:.2f}"),
               (axes[1], "wall_s", 1.0, "wall time (s)", "{:.1f}"))
     for ax, key, unit, label, fmt in panels:
-        values = [r.get(key) / unit if finite(r.get(key)) else None for r in results]
+        values = [getattr(r, key) / unit if finite(getattr(r, key)) else None for r in results]
         if results and all(v is None for v in values):  # e.g. peak GPU memory on a CPU run
             _empty(ax, "not measured for any trial")
             ax.set_xticks([])
@@ -264,13 +268,13 @@ def cost_per_trial_figure(results: list[dict]) -> Figure:
             continue
         top = max([v for v in values if v is not None] or [1.0])
         for y, r, v in zip(ys, results, values, strict=True):
-            ok = r.get("status") == "completed"
+            ok = r.status is TrialStatus.COMPLETED
             if v is not None:
                 ax.barh(y, v, height=0.65, color=COLORS[0] if ok else "white", edgecolor=COLORS[0] if ok else "0.2",
                         hatch=None if ok else "///", linewidth=1.0)
             text = fmt.format(v) if v is not None else "not measured"
             if not ok:
-                text += f"  [{r.get('status', '?')}]"
+                text += f"  [{r.status.value}]"
             ax.text((v or 0) + top * 0.015, y, text, va="center", fontsize=7.5)
         ax.set_xlim(0, top * 1.45)
         ax.set_xlabel(label)
@@ -279,9 +283,9 @@ def cost_per_trial_figure(results: list[dict]) -> Figure:
     axes[0].set_ylim(n - 0.5, -0.5)  # first trial on top; rows without a bar keep their place
     axes[0].set_title("Peak memory per trial", fontsize=10)
     axes[1].set_title("Wall time per trial", fontsize=10)
-    if any(r.get("status") != "completed" for r in results):
+    if any(r.status is not TrialStatus.COMPLETED for r in results):
         handles = [Patch(facecolor="white", edgecolor="0.2", hatch="///", label="did not complete")]
-        if any(r.get("status") == "completed" for r in results):
+        if any(r.status is TrialStatus.COMPLETED for r in results):
             handles.insert(0, Patch(facecolor=COLORS[0], label="completed"))
         fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8.5, frameon=False)
     if not results:
@@ -429,7 +433,8 @@ def _figure(height: float):
     return fig, ax
 
 
-def _finish_loss_axes(fig: Figure, ax, results: list[dict], done: list[dict], xlabel: str, title: str) -> None:
+def _finish_loss_axes(fig: Figure, ax, results: list[TrialResult], done: list[TrialResult], xlabel: str,
+                      title: str) -> None:
     """Labels, title and the caption naming the trials left out, for a plot of eval loss (or a note
     when no trial has one)."""
     if not done:

@@ -1,83 +1,99 @@
 """Ranking the trials and choosing one: the cheapest config as good as the best.
 
-Every trial is evaluated on the same eval batches, so the difference between a trial and the best
-one can be judged batch by batch: the noise on that difference is twice the standard error of the
-per-batch differences (a paired comparison, ~95%). A trial whose eval loss is within that noise of
-the best is "as good"; among those, the one with the fewest trainable parameters is recommended.
-This measures eval-set noise for one seed; the seed-to-seed spread of training is not included.
+The noise rule, used by the sweep's summary and by `diagnose` alike (`compare`): every trial is
+evaluated on the same eval batches, so the difference between a trial and the best one is judged
+batch by batch — the noise on that difference is twice the standard error of the token-weighted
+per-batch differences (a paired comparison, ~95%). Without per-batch losses (a result.json written
+by hand or by an older loraplan) it is twice the combined standard error of the two means; without
+standard errors there is no noise estimate, and a trial is then neither "as good" nor "clearly
+worse". A trial within the noise of the best is "as good"; among those, the one with the fewest
+trainable parameters is recommended. This measures eval-set noise for one seed; the seed-to-seed
+spread of training is not included.
 """
 
 from __future__ import annotations
 
 import math
 
+from .folder import Comparison, Summary, Sweep, TrialResult, TrialStatus
+
 NOISE_SIGMAS = 2.0
+NOISE_METHOD = f"{NOISE_SIGMAS:g}σ of the paired per-batch eval-loss difference to the best (one seed)"
 
 
 def _finite(x) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def paired_noise(trial: dict, best: dict) -> float | None:
-    """NOISE_SIGMAS × the standard error of the token-weighted per-batch loss differences."""
-    a = (trial.get("eval_batches") or {})
-    b = (best.get("eval_batches") or {})
-    la, lb, w = a.get("loss"), b.get("loss"), a.get("tokens")
-    if la and lb and w and len(la) == len(lb) > 1 and w == b.get("tokens"):
-        _, sem = weighted_mean_sem([x - y for x, y in zip(la, lb, strict=True)], w)
-        return NOISE_SIGMAS * sem
-    sa, sb = trial.get("eval_loss_sem"), best.get("eval_loss_sem")
-    if _finite(sa) and _finite(sb):
-        return NOISE_SIGMAS * math.sqrt(sa ** 2 + sb ** 2)
+def paired_noise(trial: TrialResult, best: TrialResult) -> float | None:
+    """NOISE_SIGMAS × the standard error of the token-weighted per-batch loss differences (or of the
+    difference of the two means when the per-batch losses are not there)."""
+    a, b = trial.eval_batches, best.eval_batches
+    if a and b and len(a.loss) == len(b.loss) > 1 and a.tokens == b.tokens:
+        _, sem = weighted_mean_sem([x - y for x, y in zip(a.loss, b.loss, strict=True)], a.tokens)
+        if _finite(sem):
+            return NOISE_SIGMAS * sem
+    if _finite(trial.eval_loss_sem) and _finite(best.eval_loss_sem):
+        return NOISE_SIGMAS * math.sqrt(trial.eval_loss_sem ** 2 + best.eval_loss_sem ** 2)
     return None
 
 
-def summarize(results: list[dict]) -> dict:
+def compare(trial: TrialResult, best: TrialResult) -> Comparison:
+    """The noise rule: `trial` (a completed trial with a finite eval loss) against `best`."""
+    if trial.name == best.name:
+        return Comparison(0.0, 0.0, True)
+    delta = trial.eval_loss - best.eval_loss
+    noise = paired_noise(trial, best)
+    return Comparison(delta, noise, noise is not None and delta <= noise)
+
+
+def summarize(results: list[TrialResult]) -> Summary:
     """The ranking, the best trial, the recommendation and its reason (summary.json)."""
-    ranked = sorted((r for r in results if r.get("status") == "completed" and _finite(r.get("eval_loss"))),
-                    key=lambda r: r["eval_loss"])
-    failed = {r["name"]: r["status"] for r in results if r.get("status") != "completed"}
+    ranked = sorted((r for r in results if r.comparable), key=lambda r: r.eval_loss)
+    failed = {r.name: r.status.value for r in results if r.status is not TrialStatus.COMPLETED}
     if not ranked:
-        return {"ranking": [], "best": None, "recommended": None, "noise": None, "failed": failed,
-                "reason": "no trial completed with a finite eval loss", "trials": {}}
+        return Summary([], None, None, "no trial completed with a finite eval loss", failed=failed)
     best = ranked[0]
-    table = {}
-    for r in ranked:
-        noise = paired_noise(r, best) if r is not best else 0.0
-        delta = r["eval_loss"] - best["eval_loss"]
-        table[r["name"]] = {"delta": delta, "noise": noise,
-                            "within_noise": r is best or (noise is not None and delta <= noise)}
-    within = [r for r in ranked if table[r["name"]]["within_noise"]]
-    pick = min(within, key=lambda r: (r.get("trainable_params") or math.inf, r["eval_loss"]))
-    noise = table[pick["name"]]["noise"] if pick is not best else _typical_noise(table, best["name"])
+    table = {r.name: compare(r, best) for r in ranked}
+    within = [r for r in ranked if table[r.name].within_noise]
+    pick = min(within, key=lambda r: (r.trainable_params or math.inf, r.eval_loss))
+    noise = table[pick.name].noise if pick is not best else _typical_noise(table, best.name)
     if pick is best:
-        cheaper = [r for r in ranked[1:] if (r.get("trainable_params") or 0) < (best.get("trainable_params") or 0)]
+        cheaper = [r for r in ranked[1:] if (r.trainable_params or 0) < (best.trainable_params or 0)]
         if cheaper:
             c = cheaper[0]
-            info = table[c["name"]]
-            margin = f" > ±{info['noise']:.4f}" if info["noise"] is not None else ""
-            reason = (f"{best['name']} has the lowest eval loss ({best['eval_loss']:.4f}) and every cheaper trial is "
-                      f"worse by more than the noise (closest: {c['name']}, +{info['delta']:.4f}{margin})")
+            info = table[c.name]
+            margin = f" > ±{info.noise:.4f}" if info.noise is not None else ""
+            reason = (f"{best.name} has the lowest eval loss ({best.eval_loss:.4f}) and every cheaper trial is "
+                      f"worse by more than the noise (closest: {c.name}, +{info.delta:.4f}{margin})")
         else:
-            reason = f"{best['name']} has the lowest eval loss ({best['eval_loss']:.4f}) and is also the cheapest"
+            reason = f"{best.name} has the lowest eval loss ({best.eval_loss:.4f}) and is also the cheapest"
     else:
-        reason = (f"{pick['name']} has the fewest trainable parameters ({pick['trainable_params']:,}) among trials "
-                  f"within noise of the best ({best['name']}, {best['eval_loss']:.4f}): its eval loss is "
-                  f"{pick['eval_loss']:.4f}, +{table[pick['name']]['delta']:.4f} ≤ ±{noise:.4f}")
-    return {
-        "ranking": [r["name"] for r in ranked],
-        "best": best["name"],
-        "recommended": pick["name"],
-        "noise": noise,
-        "noise_method": f"{NOISE_SIGMAS:g}σ of the paired per-batch eval-loss difference to the best (one seed)",
-        "reason": reason,
-        "failed": failed,
-        "trials": table,
-    }
+        reason = (f"{pick.name} has the fewest trainable parameters ({pick.trainable_params:,}) among trials "
+                  f"within noise of the best ({best.name}, {best.eval_loss:.4f}): its eval loss is "
+                  f"{pick.eval_loss:.4f}, +{table[pick.name].delta:.4f} ≤ ±{noise:.4f}")
+    return Summary([r.name for r in ranked], best.name, pick.name, reason, noise=noise, noise_method=NOISE_METHOD,
+                   failed=failed, trials=table)
 
 
-def _typical_noise(table: dict, best: str) -> float | None:
-    values = sorted(v["noise"] for k, v in table.items() if k != best and v["noise"] is not None)
+def summary_for(sweep: Sweep) -> tuple[Summary, str]:
+    """The summary to show for a sweep read from disk, and where it comes from: summary.json when it
+    agrees with the trials as they are now, else computed from them (with a note saying why), so a
+    report never shows a recommendation its folder no longer supports."""
+    computed = summarize(sweep.trials)
+    saved = sweep.summary
+    if saved is None:
+        return computed, "computed from result.json"
+    if ((saved.ranking, saved.best) == (computed.ranking, computed.best)
+            and (saved.recommended in saved.ranking or (saved.recommended is None and not saved.ranking))):
+        return saved, "summary.json"
+    sweep.notes.append("summary.json does not match the trials' result.json (written before a trial changed): "
+                       "the ranking below is computed from the results")
+    return computed, "computed from result.json"
+
+
+def _typical_noise(table: dict[str, Comparison], best: str) -> float | None:
+    values = sorted(c.noise for name, c in table.items() if name != best and c.noise is not None)
     return values[len(values) // 2] if values else None
 
 

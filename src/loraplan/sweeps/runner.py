@@ -2,7 +2,7 @@
 
 Everything that can be wrong with the input (targets that do not exist, a bad spec, unreadable data)
 is found before the model loads. The schedule is here (one trial after another, or successive
-halving); the engine trains, the ledger records.
+halving); the engine trains, the sweep folder (folder.py) records and reads back.
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ from pathlib import Path
 
 from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
-from ..files import read_json, write_atomic, write_json
+from ..files import read_json
 from ..plan.count import count_plan, human_bytes, human_count
-from .engine import PeftEngine
+from .fast_engine import make_engine
 from .folder import (
     LEDGER_FORMAT,
-    SweepLedger,
+    Summary,
+    Sweep,
+    SweepFolder,
+    TrialResult,
+    TrialStatus,
     now,
     spec_hash,
 )
@@ -34,16 +38,17 @@ from .spec import SweepSpec, Trial, alpha_warnings, expand, load_spec
 class SweepResult:
     out: Path
     trials: list[Trial]
-    results: list[dict]
-    summary: dict
+    results: list[TrialResult]
+    summary: Summary | None
     warnings: list[str]
     dry_run: bool = False
     preview: list[dict] | None = None
     data: list[str] | None = None  # one line per split: examples, tokens, truncated, dropped
 
     def to_json(self) -> dict:
-        return {"out": str(self.out), "summary": self.summary, "warnings": self.warnings,
-                "results": [{k: v for k, v in r.items() if k != "eval_batches"} for r in self.results],
+        return {"out": str(self.out), "summary": self.summary.to_json() if self.summary else {},
+                "warnings": self.warnings,
+                "results": [{k: v for k, v in r.to_json().items() if k != "eval_batches"} for r in self.results],
                 "preview": self.preview}
 
 
@@ -138,8 +143,16 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     structure, preview = preflight(spec, spec.model, trials)
     out = Path(out)
     if dry_run:
-        return SweepResult(out, trials, [], {}, warnings, dry_run=True, preview=preview)
+        return SweepResult(out, trials, [], None, warnings, dry_run=True, preview=preview)
+    with SweepFolder(out) as ledger:
+        if out.exists():
+            ledger.lock()  # a folder another sweep is using is refused before the data loads
+        return _run(spec, trials, warnings, ledger, probe_data, progress, random_init)
 
+
+def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: SweepFolder, probe_data: dict | None,
+         progress: bool, random_init: bool) -> SweepResult:
+    """Load the data, open the ledger (the lock is held from here to the end) and run what is left."""
     from ..data.load import load_data
     from ..model.loading import load_tokenizer
 
@@ -165,10 +178,10 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
                  "dropped": splits.train_summary.dropped, "max_length": d.max_length},
         "warnings": warnings,
     }
-    ledger = SweepLedger(out)
-    done = set(ledger.open(header, [t.name for t in trials]))
+    existing = ledger.open(header, [t.name for t in trials])
+    done = {r.name for r in existing.trials if r.status.finished}  # damaged, unfinished: run (again)
     if probe_data is not None:
-        write_json(out / "probe.json", probe_data)  # the report shows the probe next to the sweep
+        ledger.write_probe(probe_data)  # the report shows the probe next to the sweep
     pending = [t for t in trials if t.name not in done]
     t = spec.training
     steps = training_steps(splits.train, t.max_steps, t.batch_size, t.micro_batch_size, t.seed)
@@ -176,29 +189,32 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     eval_set = eval_batches(eval_examples, t.micro_batch_size or t.batch_size)
     bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
     if pending:
-        engine = PeftEngine(spec.model, t, trust_remote_code=spec.trust_remote_code, random_init=random_init)
+        engine = make_engine(t.engine, spec.model, t, trust_remote_code=spec.trust_remote_code, random_init=random_init)
         engine.load(tokenizer.pad_token_id)
         header["environment"]["device"] = engine.device_name()
         header["environment"]["dtype"] = engine.dtype_name
-        write_json(out / "sweep.json", {**read_json(out / "sweep.json"), "environment": header["environment"]})
+        ledger.update_header(environment=header["environment"])
         training = t.model_dump(mode="json")
         try:
             if spec.halving.enabled and len(pending) > 1:
                 _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars)
             else:
                 for trial in pending:
-                    state = engine.start(trial, ledger.recorder(trial.name), training)
+                    state = engine.start(trial, ledger.trial(trial.name), training)
                     bars.trial(trial.name)
                     engine.advance([state], steps, t.max_steps, eval_set, t.eval_every, bars.step)
                     bars.done(engine.finish(state))
         finally:
             engine.close()
             bars.close()
-    results = ledger.results()
+        warnings = warnings + engine.notes  # trials the fast engine handed to PEFT, and why
+    folder = ledger.read()
+    names = {t.name for t in trials}
+    results = [r for r in folder.trials if r.name in names]
     summary = summarize(results)
-    summary["warnings"] = warnings
-    write_outputs(out, results, summary, ledger)
-    return SweepResult(out, trials, results, summary, warnings,
+    summary.warnings = warnings
+    write_outputs(ledger, folder, results, summary)
+    return SweepResult(ledger.root, trials, results, summary, warnings,
                        data=[splits.train_summary.describe(), f"eval ({splits.eval_source}): "
                              + splits.eval_summary.describe()])
 
@@ -225,7 +241,7 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
     """The spec plus the config in PATH as a trial named `from_<file>` (with the seeds' grid when the
     spec names no trials of its own)."""
     from ..plan.read_config import read_plan_fields
-    from .spec import TrialSpec, seed_grid
+    from .spec import TRIAL_FIELDS, TrialSpec, seed_grid
 
     fields = read_plan_fields(path)
     unsupported = {k: v for k, v in fields.items()
@@ -233,8 +249,8 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
     if unsupported:
         raise UsageError(f"{path}: the sweep does not vary {', '.join(unsupported)}",
                          "remove them from the file, or count/train that config outside the sweep")
-    keep = ("targets", "r", "lora_alpha", "use_rslora", "use_dora", "loraplus_lr_ratio", "lora_dropout", "layers")
-    trial = TrialSpec(name=f"from_{Path(path).stem}", **{k: v for k, v in fields.items() if k in keep and v is not None})
+    trial = TrialSpec(name=f"from_{Path(path).stem}",
+                      **{k: v for k, v in fields.items() if k in TRIAL_FIELDS and v is not None})
     base = list(spec.trials or []) or ([] if spec.grid is not None else seed_grid())
     return spec.model_copy(update={"trials": base + [trial]})
 
@@ -246,58 +262,64 @@ def _successive_halving(engine, pending, ledger, steps, eval_set, spec, training
     rungs = sorted({max(1, math.ceil(t.max_steps / h.eta ** k)) for k in range(h.rungs)})
     states = []
     for trial in pending:
-        states.append(engine.start(trial, ledger.recorder(trial.name), training))
+        states.append(engine.start(trial, ledger.trial(trial.name), training))
+    finished: set[str] = set()
+
+    def finish(s, *args):
+        finished.add(s.name)
+        bars.done(engine.finish(s, *args))
+
     for i, rung in enumerate(rungs):
         live = [s for s in states if s.status is None]
         for s in live:
             bars.trial(f"{s.name} (rung {i + 1}/{len(rungs)}: step {rung})")
             engine.advance([s], steps, rung, eval_set, t.eval_every, bars.step)
         for s in states:
-            if s.status is not None and not s.recorder.folder.joinpath("result.json").exists():
-                bars.done(engine.finish(s))
-        live = sorted((s for s in states if s.status is None),
-                      key=lambda s: (s.last_eval or {}).get("eval_loss") or math.inf)
+            if s.status is not None and s.name not in finished:
+                finish(s)
+        live = sorted((s for s in states if s.status is None), key=_last_eval_loss)
         if rung == rungs[-1]:
             for s in live:
-                bars.done(engine.finish(s))
+                finish(s)
             break
         keep = max(1, math.ceil(len(live) / h.eta))
         for s in live[keep:]:
-            loss = (s.last_eval or {}).get("eval_loss")
-            bars.done(engine.finish(s, "pruned", f"stopped at step {s.step} by successive halving "
-                                                 f"(eval loss {loss:.4f}, not in the best {keep} of {len(live)})"))
+            finish(s, TrialStatus.PRUNED, f"stopped at step {s.step} by successive halving (eval loss "
+                                          f"{_last_eval_loss(s):.4f}, not in the best {keep} of {len(live)})")
 
 
-def write_outputs(out: Path, results: list[dict], summary: dict, ledger: SweepLedger) -> None:
-    write_json(out / "summary.json", summary)
-    ledger.write_results_csv(results)
-    write_atomic(out / "summary.md", summary_markdown(read_json(out / "sweep.json"), results, summary))
+def _last_eval_loss(state) -> float:
+    ev = state.last_eval
+    return ev.eval_loss if ev is not None and ev.eval_loss is not None else math.inf
+
+
+def write_outputs(ledger: SweepFolder, folder: Sweep, results: list[TrialResult], summary: Summary) -> None:
+    ledger.write_outputs(results, summary, summary_markdown(folder, results, summary))
     from .report import report
 
-    report(out)  # report.html, and the plots as PNG in plots/ (eval loss vs rank among them)
+    report(ledger.root)  # report.html, and the plots as PNG in plots/ (eval loss vs rank among them)
 
 
 def _fmt(x, spec: str = ".4f") -> str:
     return format(x, spec) if isinstance(x, int | float) and math.isfinite(x) else "—"
 
 
-def result_rows(results: list[dict], summary: dict) -> list[list[str]]:
-    order = {n: i for i, n in enumerate(summary.get("ranking", []))}
-    ranked = sorted(results, key=lambda r: (order.get(r["name"], len(order)), r["name"]))
+def result_rows(results: list[TrialResult], summary: Summary) -> list[list[str]]:
+    order = {n: i for i, n in enumerate(summary.ranking)}
+    ranked = sorted(results, key=lambda r: (order.get(r.name, len(order)), r.name))
     rows = []
     for r in ranked:
-        info = summary.get("trials", {}).get(r["name"], {})
-        mark = "◀ recommended" if r["name"] == summary.get("recommended") else (
-            "best" if r["name"] == summary.get("best") else "")
-        delta = "" if not info else ("0" if r["name"] == summary.get("best") else
-                                     f"+{info['delta']:.4f}" + ("" if info["within_noise"] else " *"))
-        loss = (f"{_fmt(r.get('eval_loss'))} ± {_fmt(r.get('eval_loss_sem'))}" if r.get("status") == "completed"
-                else r.get("status", "?"))
-        rows.append([r["name"], r["targets"], r["r"], f"{r['lora_alpha']:g}", "✓" if r.get("use_rslora") else "",
-                     "✓" if r.get("use_dora") else "", human_count(r["trainable_params"]) if r.get("trainable_params") else "—",
-                     loss, delta, _fmt(r.get("train_loss")), _fmt(r.get("wall_s"), ".1f"),
-                     _fmt(r.get("tokens_per_s"), ",.0f"),
-                     human_bytes(r["peak_memory_bytes"]) if r.get("peak_memory_bytes") else "—", mark])
+        info = summary.trials.get(r.name)
+        mark = "◀ recommended" if r.name == summary.recommended else ("best" if r.name == summary.best else "")
+        delta = "" if not info else ("0" if r.name == summary.best else
+                                     f"+{info.delta:.4f}" + ("" if info.within_noise else " *"))
+        loss = (f"{_fmt(r.eval_loss)} ± {_fmt(r.eval_loss_sem)}" if r.status is TrialStatus.COMPLETED
+                else r.status.value)
+        rows.append([r.name, r.targets, r.r, f"{r.lora_alpha:g}" if r.lora_alpha is not None else "—",
+                     "✓" if r.use_rslora else "", "✓" if r.use_dora else "",
+                     human_count(r.trainable_params) if r.trainable_params else "—",
+                     loss, delta, _fmt(r.train_loss), _fmt(r.wall_s, ".1f"), _fmt(r.tokens_per_s, ",.0f"),
+                     human_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else "—", mark])
     return rows
 
 
@@ -305,31 +327,30 @@ RESULT_HEADERS = ["trial", "targets", "r", "alpha", "rsLoRA", "DoRA", "params", 
                   "train loss", "time s", "tok/s", "peak mem", ""]
 
 
-def summary_markdown(header: dict, results: list[dict], summary: dict) -> str:
-    lines = [f"# LoRA sweep: {header.get('model')}", ""]
-    data = header.get("data", {})
-    env = header.get("environment", {})
+def summary_markdown(sweep: Sweep, results: list[TrialResult], summary: Summary) -> str:
+    lines = [f"# LoRA sweep: {sweep.model}", ""]
+    data, env = sweep.data, sweep.environment
     lines.append(f"Data: {data.get('train')} ({data.get('format')}, {data.get('train_examples')} train / "
                  f"{data.get('eval_examples')} eval examples). Device: {env.get('device', '?')} "
                  f"({env.get('dtype', '?')}); torch {env.get('torch')}, transformers {env.get('transformers')}, "
                  f"peft {env.get('peft')}.")
-    training = header.get("spec", {}).get("training", {})
+    training = sweep.spec.get("training", {})
     lines.append(f"Training per trial: {training.get('max_steps')} steps × batch {training.get('batch_size')}, "
                  f"lr {training.get('learning_rate')}, {training.get('scheduler')} schedule, seed {training.get('seed')}.")
     lines += ["", "| " + " | ".join(RESULT_HEADERS) + " |", "|" + "---|" * len(RESULT_HEADERS)]
     for row in result_rows(results, summary):
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     lines.append("")
-    if summary.get("recommended"):
-        lines.append(f"**Recommended: {summary['recommended']}** — {summary['reason']}.")
+    if summary.recommended:
+        lines.append(f"**Recommended: {summary.recommended}** — {summary.reason}.")
         lines.append("")
-        lines.append(f"Noise: {summary.get('noise_method')}. `*` marks a trial outside the noise of the best.")
+        lines.append(f"Noise: {summary.noise_method}. `*` marks a trial outside the noise of the best.")
     else:
-        lines.append(f"No recommendation: {summary.get('reason')}.")
-    for name, status in summary.get("failed", {}).items():
-        message = next((r.get("message") for r in results if r["name"] == name), "")
-        lines.append(f"- {name}: {status} — {message}")
-    for w in summary.get("warnings", []):
+        lines.append(f"No recommendation: {summary.reason}.")
+    messages = {r.name: r.message for r in results}
+    for name, status in summary.failed.items():
+        lines.append(f"- {name}: {status} — {messages.get(name) or ''}")
+    for w in summary.warnings:
         lines.append(f"- warning: {w}")
     return "\n".join(lines) + "\n"
 
@@ -358,15 +379,15 @@ class _Progress:
         if self.inner is not None:
             self.inner.n = state.step
             loss = state.losses[-1] if state.losses else float("nan")
-            ev = (state.last_eval or {}).get("eval_loss")
+            ev = state.last_eval.eval_loss if state.last_eval else None
             self.inner.set_postfix_str(f"loss {loss:.4f}" + (f" eval {ev:.4f}" if ev else ""), refresh=True)
 
-    def done(self, result: dict) -> None:
+    def done(self, result: TrialResult) -> None:
         if self.outer is not None:
             self.outer.update(1)
-            self.outer.write(f"{result['name']}: {result['status']}" + (
-                f", eval loss {result['eval_loss']:.4f}" if result.get("eval_loss") is not None else "")
-                + (f" ({result['message']})" if result.get("message") else ""))
+            self.outer.write(f"{result.name}: {result.status.value}"
+                             + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+                             + (f" ({result.message})" if result.message else ""))
 
     def close(self) -> None:
         for bar in (self.inner, self.outer):

@@ -2,21 +2,26 @@
 
 YAML or flags, validated by pydantic with unknown keys rejected; every error is reported at once,
 each unknown key with the nearest valid one. With neither a grid nor a trial list, the grid is the
-seeds' six-config ablation (`SEED_GRID`).
+seeds' six-config ablation (`SEED_GRID`). The schema is the one definition of every key: its
+default and description make the `loraplan sweep` flags and docs/sweep.md (`reference`); a
+trial's LoRA fields are LoraPlan's own, checked by LoraPlan's rules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from ..errors import UsageError, nearest
-from ..plan.lora_plan import LoraPlan
+from ..plan.alpha import DEFAULT_POLICY, alpha_for, parse_policy, plan_traps
+from ..plan.lora_plan import LoraPlan, field_problem
 
 # The seeds' ablation grid (seed 000, "Full Ablation Study Script"): name, targets, r, alpha, rsLoRA, DoRA.
 SEED_GRID = [
@@ -27,67 +32,102 @@ SEED_GRID = [
     ("full_r32", "attention,mlp", 32, 32, True, False),
     ("full_r16_dora", "attention,mlp", 16, 16, True, True),
 ]
+# The LoraPlan fields a sweep trial sets (the rest keep LoraPlan's defaults).
+TRIAL_FIELDS = ("targets", "r", "lora_alpha", "use_rslora", "use_dora", "loraplus_lr_ratio", "lora_dropout", "layers")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _plan_field(name: str, required: bool = False):
+    """(type, Field) for LoraPlan's field `name`: its type, default and description."""
+    spec = LoraPlan.__dataclass_fields__[name]
+    if spec.default is dataclasses.MISSING:
+        raise TypeError(f"LoraPlan.{name} has no plain default")
+    kind = typing.get_type_hints(LoraPlan)[name]
+    return kind, Field(... if required else spec.default, description=spec.metadata.get("help"))
+
+
+def _check_plan_field(value, info):
+    """A pydantic validator: LoraPlan's own rule for this field (for a list, for each item)."""
+    for item in value if isinstance(value, list) else [value]:
+        problem = field_problem(info.field_name, item)
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
 class TrainingSettings(_Strict):
     max_steps: int = Field(100, gt=0, description="optimizer steps per trial")
     batch_size: int = Field(8, gt=0, description="examples per optimizer step")
-    micro_batch_size: int | None = Field(None, gt=0, description="examples per forward pass (gradient accumulation)")
-    learning_rate: float = Field(2e-4, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    eval_every: int = Field(25, gt=0, description="steps between eval passes (and one at the end)")
-    max_eval_examples: int | None = Field(None, gt=0)
-    seed: int = 0
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    grad_ckpt: bool = False
-    quantization: Literal["4bit", "8bit"] | None = None
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0, description="examples per forward pass, for gradient "
+                                                                 "accumulation below batch_size; null: batch_size")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate of AdamW")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after "
+                                                                                     "the warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    eval_every: int = Field(25, gt=0, description="steps between eval passes, and one at the end")
+    max_eval_examples: int | None = Field(None, gt=0, description="evaluate on at most this many examples; null: "
+                                                                  "the whole eval set")
+    seed: int = Field(0, description="seed of the adapters' initialization and the data order")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype; auto: bf16 on a GPU "
+                                                                               "that has it, else fp32")
+    grad_ckpt: bool = Field(False, description="gradient checkpointing")
+    quantization: Literal["4bit", "8bit"] | None = Field(None, description="a quantized base, 4bit for QLoRA "
+                                                                           "(bitsandbytes, CUDA); null: none")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; null: no clipping")
+    engine: Literal["auto", "fast", "peft"] = Field(
+        "auto", description="fast: loraplan's engine (bf16 adapter path, CUDA graphs); peft: transformers + PEFT "
+                            "as they are; auto: fast on a CUDA GPU. Trials fast cannot run go to PEFT, and say so")
 
 
 class DataSettings(_Strict):
-    train: str | None = None
-    eval: str | None = None
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = "auto"
-    max_length: int = Field(512, gt=1)
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    max_examples: int | None = Field(None, gt=0)
+    train: str | None = Field(None, description="training data: .jsonl / .json / .csv / .parquet, a dataset folder "
+                                                "or a Hub dataset id")
+    eval: str | None = Field(None, description="eval data; null: hold out eval_fraction of train, fixed seed")
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = Field(
+        "auto", description="the rows' format, detected from their keys when auto")
+    max_length: int = Field(512, gt=1, description="tokens per example; longer ones are truncated")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out for eval when eval is null")
+    max_examples: int | None = Field(None, gt=0, description="use only the first N training rows; null: all")
 
 
-class TrialSpec(_Strict):
-    """One explicit LoRA config. `lora_alpha` null means alpha = r."""
+_TrialFields = create_model(
+    "_TrialFields", __base__=_Strict,
+    name=(str | None, Field(None, description="the trial's folder name; null: made from its settings")),
+    **{n: _plan_field(n, required=n in ("targets", "r")) for n in TRIAL_FIELDS})
 
-    name: str | None = None
-    targets: str
-    r: int = Field(gt=0)
-    lora_alpha: float | None = Field(None, gt=0)
-    use_rslora: bool = False
-    use_dora: bool = False
-    loraplus_lr_ratio: float | None = Field(None, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    layers: str | None = None
+
+class TrialSpec(_TrialFields):
+    """One explicit LoRA config: LoraPlan's fields (and its checks) plus a name."""
 
     @field_validator("targets", mode="before")
     @classmethod
     def _targets_text(cls, value):
         return ",".join(map(str, value)) if isinstance(value, list) else value
 
+    _plan_rules = field_validator(*TRIAL_FIELDS)(_check_plan_field)
+
+    def plan(self) -> LoraPlan:
+        # a dropout left to the default stays loraplan's default (PEFT's ParamWrapper on MoE experts
+        # takes none, so the plan drops it there; a dropout chosen by hand is the user's)
+        fields = set(TRIAL_FIELDS) - ({"lora_dropout"} - self.model_fields_set)
+        return LoraPlan(**self.model_dump(include=fields))
+
 
 class GridSpec(_Strict):
-    """The cartesian product of these lists. `alpha` is a policy: "r", "2r" or a fixed number."""
+    """The cartesian product of these lists."""
 
-    targets: list[str] = Field(min_length=1)
-    r: list[int] = Field(min_length=1)
-    alpha: list[str | float] = ["r"]
-    rslora: list[bool] = [False]
-    dora: list[bool] = [False]
-    loraplus_lr_ratio: list[float | None] = [None]
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = Field(min_length=1, description="target sets, each in the --targets grammar")
+    r: list[int] = Field(min_length=1, description="ranks")
+    alpha: list[str | float] = Field([DEFAULT_POLICY], description="alpha policies: 'r' (alpha = r), '2r', or a "
+                                                                   "number (a fixed alpha: warned when r varies)")
+    rslora: list[bool] = Field([False], description="rsLoRA off and/or on")
+    dora: list[bool] = Field([False], description="DoRA off and/or on")
+    loraplus_lr_ratio: list[float | None] = Field([None], description="LoRA+ ratios; null: off")
+    lora_dropout: float = _plan_field("lora_dropout")[1]
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -101,38 +141,30 @@ class GridSpec(_Strict):
     def _as_list(cls, value):
         return value if isinstance(value, list) else [value]
 
-    @field_validator("r")
-    @classmethod
-    def _positive(cls, value):
-        if any(v <= 0 for v in value):
-            raise ValueError("ranks must be positive integers")
-        return value
+    _plan_rules = field_validator("r", "loraplus_lr_ratio", "lora_dropout")(_check_plan_field)
 
     @field_validator("alpha")
     @classmethod
     def _alpha_policy(cls, value):
-        for v in value:
-            if isinstance(v, str) and not re.fullmatch(r"(\d+(\.\d+)?)?r", v.strip()):
-                raise ValueError(f"alpha policy {v!r}: use 'r', '2r' (alpha = 2·r) or a number")
-            if not isinstance(v, str) and v <= 0:
-                raise ValueError("a fixed alpha must be positive")
-        return value
+        return [parse_policy(v) for v in value]
 
 
 class HalvingSpec(_Strict):
-    enabled: bool = False
+    enabled: bool = Field(False, description="successive halving: stop the worst trials at each rung")
     eta: int = Field(2, ge=2, description="keep the best 1/eta of the trials at each rung")
     rungs: int = Field(3, ge=2, description="evaluation points, the last at max_steps")
 
 
 class SweepSpec(_Strict):
-    model: str | None = None
-    data: DataSettings = DataSettings()
-    training: TrainingSettings = TrainingSettings()
-    grid: GridSpec | None = None
-    trials: list[TrialSpec] | None = None
-    halving: HalvingSpec = HalvingSpec()
-    trust_remote_code: bool = False
+    model: str | None = Field(None, description="a model folder or Hub id (or MODEL on the command line)")
+    data: DataSettings = Field(DataSettings(), description="the data")
+    training: TrainingSettings = Field(TrainingSettings(), description="how each trial trains")
+    grid: GridSpec | None = Field(None, description="a grid of configs; with neither grid nor trials, the seeds' "
+                                                    "six configs")
+    trials: list[TrialSpec] | None = Field(None, description="explicit configs, added to the grid")
+    halving: HalvingSpec = Field(HalvingSpec(), description="successive halving")
+    trust_remote_code: bool = Field(False, description="allow the model's own code (off by default: read the "
+                                                       "code first)")
 
 
 class Trial(BaseModel):
@@ -148,22 +180,18 @@ def seed_grid() -> list[TrialSpec]:
             for n, t, r, a, rs, d in SEED_GRID]
 
 
-def _alpha_for(policy: str | float, r: int) -> float | None:
-    if isinstance(policy, str):
-        factor = policy.strip()[:-1]
-        return None if factor in ("", "1") else float(factor) * r
-    return float(policy)
-
-
 def expand(spec: SweepSpec) -> list[Trial]:
     """The trials of a spec, with stable unique names."""
     specs: list[TrialSpec] = []
     if spec.grid is not None:
         g = spec.grid
+        # a dropout left to the default stays loraplan's default (PEFT's ParamWrapper on MoE experts
+        # takes none, so the plan drops it there; a dropout chosen by hand is the user's)
+        dropout = {"lora_dropout": g.lora_dropout} if "lora_dropout" in g.model_fields_set else {}
         for targets, r, alpha, rs, dora, lp in itertools.product(
                 g.targets, g.r, g.alpha, g.rslora, g.dora, g.loraplus_lr_ratio):
-            specs.append(TrialSpec(targets=targets, r=r, lora_alpha=_alpha_for(alpha, r), use_rslora=rs,
-                                   use_dora=dora, loraplus_lr_ratio=lp, lora_dropout=g.lora_dropout))
+            specs.append(TrialSpec(targets=targets, r=r, lora_alpha=alpha_for(alpha, r), use_rslora=rs,
+                                   use_dora=dora, loraplus_lr_ratio=lp, **dropout))
     specs.extend(spec.trials or [])
     if not specs:
         specs = seed_grid()
@@ -174,10 +202,7 @@ def expand(spec: SweepSpec) -> list[Trial]:
         while name in seen:
             name, k = f"{base}_{k}", k + 1
         seen.add(name)
-        plan = LoraPlan(targets=t.targets, r=t.r, lora_alpha=t.lora_alpha, use_rslora=t.use_rslora,
-                        use_dora=t.use_dora, loraplus_lr_ratio=t.loraplus_lr_ratio, lora_dropout=t.lora_dropout,
-                        layers=t.layers)
-        trials.append(Trial(name=name, plan=plan))
+        trials.append(Trial(name=name, plan=t.plan()))
     return trials
 
 
@@ -198,15 +223,33 @@ def trial_name(t: TrialSpec) -> str:
 
 
 def alpha_warnings(trials: list[Trial]) -> list[str]:
-    """The seeds' "alpha/rank ratio confusion": a fixed alpha while r varies, without rsLoRA."""
-    by_alpha: dict[float, set[int]] = {}
-    for t in trials:
-        if t.plan.lora_alpha is not None and not t.plan.use_rslora:
-            by_alpha.setdefault(t.plan.lora_alpha, set()).add(t.plan.r)
-    return [f"lora_alpha is fixed at {a:g} while r varies ({', '.join(map(str, sorted(rs)))}) without rsLoRA: "
-            "the scale alpha/r, and with it the effective learning rate, changes with r, so the ranks are "
-            "not compared fairly (use alpha policy 'r' or '2r', or rsLoRA)"
-            for a, rs in by_alpha.items() if len(rs) > 1]
+    """The alpha rule (plan/alpha.py) over the trials: series whose alpha/r changes with r."""
+    return [f"{trap.message()}; use alpha policy 'r' or '2r', or rsLoRA"
+            for trap in plan_traps(t.plan for t in trials)]
+
+
+def reference() -> str:
+    """Every key of the spec with its default and meaning, as Markdown (docs/sweep.md holds it)."""
+    lines = []
+    sections = [("", SweepSpec)] + [(name, kind) for name, kind in (
+        ("data", DataSettings), ("training", TrainingSettings), ("grid", GridSpec), ("trials[]", TrialSpec),
+        ("halving", HalvingSpec))]
+    for prefix, schema in sections:
+        lines += ["", f"### `{prefix}`" if prefix else "### top level", "", "| key | default | meaning |",
+                  "|---|---|---|"]
+        for key, info in schema.model_fields.items():
+            default = "required" if info.is_required() else _yaml_value(info.get_default(call_default_factory=True))
+            text = (info.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | {default} | {text} |")
+    return "\n".join(lines[1:]) + "\n"
+
+
+def _yaml_value(value) -> str:
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, float):  # LoraPlan's DEFAULT_DROPOUT is a float subclass yaml would not know
+        value = float(value)
+    return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
 
 
 # -- reading and reporting errors ---------------------------------------------------------------
@@ -268,19 +311,19 @@ def describe_errors(error: ValidationError, where: str) -> str:
             hint = nearest(str(e["loc"][-1]), _fields_at(e["loc"]))
             problems.append(f"{loc}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         else:
-            problems.append(f"{loc}: {e['msg']}")
+            problems.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
     count = len(problems)
     return f"{where} has {count} problem{'s' if count > 1 else ''}: " + "; ".join(problems)
 
 
-def parse_grid_flag(text: str) -> dict[str, list]:
+def parse_grid_flag(text: str) -> dict[str, Any]:
     """`--grid "targets=qv;attention;attention,mlp r=8,16 dora=false,true"` -> grid fields."""
-    grid: dict[str, list] = {}
+    grid: dict[str, Any] = {}
     for part in text.split():
         key, sep, values = part.partition("=")
         if not sep or not values:
             raise UsageError(f"--grid: '{part}' is not KEY=VALUES", 'e.g. --grid "targets=qv;attention,mlp r=8,16"')
-        key = {"rank": "r", "ranks": "r", "lora_alpha": "alpha"}.get(key, key)
+        key = {"rank": "r", "ranks": "r", "lora_alpha": "alpha", "dropout": "lora_dropout"}.get(key, key)
         if key == "targets":
             grid[key] = [v.replace("+", ",") for v in values.split(";") if v]
             continue
@@ -290,10 +333,20 @@ def parse_grid_flag(text: str) -> dict[str, list]:
         elif key == "r":
             grid[key] = [_integer(v) for v in items]
         elif key in ("alpha", "loraplus_lr_ratio"):
-            grid[key] = [v if v.endswith("r") else (None if v == "none" else float(v)) for v in items]
+            grid[key] = [v if v.endswith("r") else (None if v == "none" else _number(v, key)) for v in items]
+        elif key == "lora_dropout" and len(items) == 1:
+            grid[key] = _number(items[0], key)
         else:
-            raise UsageError(f"--grid: unknown key '{key}'", "keys: targets, r, alpha, rslora, dora, loraplus_lr_ratio")
+            raise UsageError(f"--grid: unknown key '{key}'" if key not in GridSpec.model_fields else
+                             f"--grid: {key} takes one value", f"keys: {', '.join(GridSpec.model_fields)}")
     return grid
+
+
+def _number(v: str, key: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise UsageError(f"--grid: {key}={v} is not a number") from None
 
 
 def _boolean(v: str, key: str) -> bool:
