@@ -142,7 +142,7 @@ def test_checkpoint_folders_and_adapter_config(tmp_path, capsys):
 
 
 def write_trial(sweep, name, r, alpha, eval_loss, sem=0.004, targets="attention,mlp", rslora=False,
-                status="completed", train=None, evals=None, message=None):
+                status="completed", train=None, evals=None, message=None, config=None):
     folder = sweep / "trials" / name
     folder.mkdir(parents=True)
     train = train if train is not None else curve(lambda t: eval_loss - 0.1 + math.exp(-t / 30), range(1, 101),
@@ -167,7 +167,8 @@ def write_trial(sweep, name, r, alpha, eval_loss, sem=0.004, targets="attention,
             "use_rslora": rslora, "use_dora": False, "loraplus_lr_ratio": None, "trainable_params": 1000 * r,
             "eval_loss": eval_loss if status == "completed" else None, "eval_loss_sem": sem, "train_loss": None if eval_loss is None else eval_loss - 0.1,
             "steps": 100, "wall_s": 10.0, "tokens_per_s": 5000.0, "peak_memory_bytes": 1 << 30,
-            "started": "2026-11-22T12:00:00+00:00", "finished": "2026-11-22T12:01:00+00:00"}))
+            "started": "2026-11-22T12:00:00+00:00", "finished": "2026-11-22T12:01:00+00:00",
+            "learning_rate": 2e-4, "config": config}))
     return folder
 
 
@@ -181,12 +182,14 @@ def write_sweep(sweep, names, noise=0.006):
 
 
 def test_sweep_with_fixed_alpha_underfit_and_overfit_ranks(tmp_path, capsys):
+    """Each rank at its own best learning rate (a per-config sweep: `config` recorded): lower ranks
+    clearly worse is underfitting, and diagnose says to raise r."""
     sweep = tmp_path / "sweep"
     losses = {4: 1.60, 8: 1.50, 16: 1.42, 64: 1.48}
     names = [f"full_r{r}" for r in losses]
     write_sweep(sweep, names)
     for r, loss in losses.items():
-        write_trial(sweep, f"full_r{r}", r, 16, loss)
+        write_trial(sweep, f"full_r{r}", r, 16, loss, config=f"full_r{r}")
     result = diagnose(sweep)
     kinds = {(f.kind, f.rank) for f in result.findings}
     assert ("alpha_trap", None) in kinds
@@ -204,6 +207,23 @@ def test_sweep_with_fixed_alpha_underfit_and_overfit_ranks(tmp_path, capsys):
     code, out, _ = run_cli(["diagnose", str(sweep), "--json"], capsys)
     data = json.loads(out)
     assert data["kind"] == "sweep" and len(data["runs"]) == 4 and not data["healthy"]
+
+
+def test_lower_ranks_worse_at_one_learning_rate_is_no_reason_to_raise_r(tmp_path, capsys):
+    """All ranks at one learning rate (lr_policy fixed, alpha = r): a higher rank wins a short run by
+    learning faster, so the finding is a note that asks for a per-config sweep, never "raise r"."""
+    sweep = tmp_path / "sweep"
+    losses = {2: 1.60, 4: 1.50, 8: 1.42}
+    write_sweep(sweep, [f"mlp_r{r}" for r in losses])
+    for r, loss in losses.items():
+        write_trial(sweep, f"mlp_r{r}", r, r, loss)
+    result = diagnose(sweep)
+    assert "underfitting" not in {f.kind for f in result.findings}
+    note = next(f for f in result.findings if f.kind == "note")
+    assert note.rank is None and "lr 0.0002" in note.message and "lr_policy: per-config" in note.advice
+    code, out, err = run_cli(["diagnose", str(sweep)], capsys)
+    assert code == 0, err
+    assert "raise r" not in out and "per-config" in out
 
 
 def test_sweep_within_noise_with_alpha_equal_r_is_healthy(tmp_path):

@@ -17,7 +17,7 @@ from loraplan.cli import main
 from loraplan.sweeps.runner import sweep
 
 GRID = {"targets": ["q,v", "attention", "attention,mlp"], "r": [4], "alpha": ["r"]}
-FAST = {"training.max_steps": 6, "training.batch_size": 4, "training.eval_every": 3, "training.warmup_steps": 1,
+FAST = {"training.lr_policy": "fixed", "training.max_steps": 6, "training.batch_size": 4, "training.eval_every": 3, "training.warmup_steps": 1,
         "training.learning_rate": 1e-2, "data.max_length": 64}
 
 

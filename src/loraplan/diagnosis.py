@@ -531,6 +531,16 @@ def alpha_trap(runs: list[Run]) -> list[Finding]:
                     advice=f"set {FIX} and rerun the sweep") for t in traps]
 
 
+def one_learning_rate(runs: list[Run]) -> str | None:
+    """The rate, when these trials were all trained at one learning rate rather than each at its own
+    best (a per-config sweep records the config each rate belongs to): "lr 0.0002", or "an unrecorded
+    one" for results that do not say."""
+    if any(m.result is not None and m.result.config is not None for m in runs):
+        return None
+    rates = {m.result.learning_rate for m in runs if m.result is not None}
+    return f"lr {rates.pop():g}" if len(rates) == 1 and None not in rates else "an unrecorded one"
+
+
 def rank_series(runs: list[Run], trapped: set) -> list[Finding]:
     """Within trials that differ only in r: lower ranks clearly worse than the best → underfit;
     higher ranks clearly worse than the best → overfitting territory. "Clearly worse" is the sweep's
@@ -553,13 +563,23 @@ def rank_series(runs: list[Run], trapped: set) -> list[Finding]:
              f"higher ranks than r={best.r} ({best.eval_loss:.4g}) are clearly worse",
              f": past r={best.r} is overfitting territory", f"keep r ≤ {best.r} for {_group_text(group)}, or add data"),
         ]
+        one_rate = one_learning_rate(done)
         for side, kind, rank, said, tail, advice in sides:
             if not side:
                 continue
             rows = ", ".join(f"r={m.r} {m.eval_loss:.4g} (+{noise[m.name].delta:.3g}, noise "
                              f"±{noise[m.name].noise:.2g})" for m in sorted(side, key=lambda m: m.r))
-            out.append(Finding(
-                kind, "warning", f"{_group_text(group)}: {said}: {rows}{tail}{caveat}",
-                {**evidence, "worse": [{"name": m.name, "r": m.r, "eval_loss": m.eval_loss} for m in side]},
-                rank=rank, advice=advice))
+            worse_rows = {**evidence, "worse": [{"name": m.name, "r": m.r, "eval_loss": m.eval_loss} for m in side]}
+            if kind == "underfitting" and one_rate:
+                # at one learning rate a higher rank (alpha = r: bigger steps; any alpha: more random
+                # directions near the needed ones) wins a short run by learning faster, not by capacity
+                out.append(Finding(
+                    "note", "info", f"{_group_text(group)}: {said} at one learning rate ({one_rate}): {rows}; "
+                    "a higher rank learns faster at the same rate, so this does not show that lower ranks lack "
+                    f"capacity{caveat}", {**worse_rows, "learning_rate": one_rate},
+                    advice="rerun the sweep with training.lr_policy: per-config (each rank at its own best "
+                           "learning rate) before raising r"))
+                continue
+            out.append(Finding(kind, "warning", f"{_group_text(group)}: {said}: {rows}{tail}{caveat}", worse_rows,
+                               rank=rank, advice=advice))
     return out

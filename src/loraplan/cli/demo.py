@@ -31,7 +31,7 @@ def run(args) -> int:
                    "planted": result.task.to_json(), "sweep": sweep.to_json()})
     else:
         print()
-        print(table(RESULT_HEADERS, result_rows(sweep.results, sweep.summary), "llrrllrlllrrrl"))
+        print(table(RESULT_HEADERS, result_rows(sweep.results, sweep.summary), "llrrrllrlllrrrl"))
         print()
         task = result.task
         print(f"recommended: {sweep.summary.recommended} — {sweep.summary.reason}")

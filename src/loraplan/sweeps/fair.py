@@ -27,10 +27,166 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
 from ..plan.lora_plan import LoraPlan
+from .folder import TrialStatus
 from .ranking import NOISE_SIGMAS, weighted_mean_sem
+from .spec import SweepSpec, TrainingSettings, Trial
 
 LR_FACTORS = (1 / 3, 1.0, 3.0)  # the learning-rate grid of a family's lead, around the plan's rate
+
+
+# -- the learning-rate policy: each config at its own best rate ----------------------------------------
+
+
+def rate_name(name: str, lr: float, taken: set[str] = frozenset()) -> str:
+    """`name_lr3e-03`: no dot (PEFT's adapter names cannot hold one); more digits when that is taken."""
+    short = f"{name}_lr{lr:.0e}"
+    return short if short not in taken else f"{name}_lr{lr:.3g}".replace(".", "p")
+
+
+def lr_arms(trials: list[Trial], training: TrainingSettings) -> list[Trial]:
+    """Each config once per learning rate of the grid (training.lr_factors × learning_rate). The arm at
+    the plan's own rate keeps the config's name (a ledger of a fixed-rate sweep resumes into it)."""
+    if training.lr_policy == "fixed":
+        return trials
+    out, taken = [], {t.name for t in trials}
+    for t in trials:
+        for f in training.lr_factors:
+            lr = float(f"{training.learning_rate * f:.3g}")
+            name = t.name if f == 1.0 else rate_name(t.name, lr, taken)
+            taken.add(name)
+            out.append(t.model_copy(update={"name": name, "learning_rate": lr, "config": t.name}))
+    return out
+
+
+def lr_policy_text(training: dict) -> str:
+    """The learning-rate policy of a spec's training section, in words (summary.md, the report)."""
+    lr = training.get("learning_rate")
+    if training.get("lr_policy", "fixed") == "fixed":
+        return f"lr {lr:g} for every config (fixed)"
+    factors = training.get("lr_factors") or [1.0]
+    rates = ", ".join(f"{lr * f:.3g}" for f in factors)
+    return (f"each config at its own best learning rate: {rates} tried for the first "
+            f"{training.get('lr_screen', 0.25):.0%} of the steps, the best one kept (per-config)")
+
+
+def screen_step(training: TrainingSettings) -> int:
+    return max(1, min(training.max_steps - 1, round(training.max_steps * training.lr_screen)))
+
+
+def cost_per_config(training: TrainingSettings) -> float:
+    """Optimizer steps one config costs, in units of max_steps: every rate to the screen, one to the end."""
+    if training.lr_policy == "fixed" or len(training.lr_factors) == 1:
+        return 1.0
+    screen = screen_step(training) / training.max_steps
+    return len(training.lr_factors) * screen + (1 - screen)
+
+
+def with_budget(spec: SweepSpec, configs: int) -> SweepSpec:
+    """The spec with max_steps derived from training.budget_steps (the sweep's steps in all)."""
+    t = spec.training
+    if t.budget_steps is None:
+        return spec
+    per_config = t.budget_steps / max(configs, 1)
+    steps = int(per_config / cost_per_config(t))
+    for _ in range(3):  # the screen's share moves with max_steps by rounding: settle on one that fits
+        trial = t.model_copy(update={"max_steps": max(steps, 2)})
+        if steps <= 2 or cost_per_config(trial) * steps * configs <= t.budget_steps:
+            break
+        steps -= 1
+    if steps < 2:
+        raise UsageError(f"a budget of {t.budget_steps} steps is too small for {configs} configs",
+                         f"give at least {math.ceil(2 * configs * cost_per_config(t))} steps, or fewer configs")
+    return spec.model_copy(update={"training": t.model_copy(update={"max_steps": steps})})
+
+
+def run_schedule(engine, trials: list[Trial], ledger, steps, eval_set, spec: SweepSpec, training: dict, bars) -> None:
+    """Train `trials` (the pending ones) under the spec's learning-rate policy and halving.
+
+    per-config: each config's rates train to the screen step; the best one goes on, the others stop
+    as pruned (successive halving within the config, eta = the number of rates). Then the configs'
+    survivors train to max_steps, through successive halving across configs when halving is on."""
+    t = spec.training
+    finished: set[str] = set()
+
+    def finish(state, *args):
+        finished.add(state.name)
+        bars.done(engine.finish(state, *args))
+
+    def start(trial):
+        return engine.start(trial, ledger.trial(trial.name), training)
+
+    if t.lr_policy == "fixed" or all(x.config is None for x in trials):
+        survivors = None
+        states = trials
+    else:
+        screen = screen_step(t)
+        survivors = []
+        groups: dict[str, list[Trial]] = {}
+        for trial in trials:
+            groups.setdefault(trial.config or trial.name, []).append(trial)
+        for config, arms in groups.items():
+            states = [start(a) for a in arms]
+            for s in states:
+                if s.status is None:
+                    bars.trial(f"{s.name} (lr {s.trial.learning_rate:g}, to step {screen})")
+                    engine.advance([s], steps, screen, eval_set, t.eval_every, bars.step)
+            for s in states:
+                if s.status is not None:
+                    finish(s)
+            live = sorted((s for s in states if s.status is None), key=last_eval_loss)
+            if not live:
+                continue
+            win = live[0]
+            for s in live[1:]:
+                finish(s, TrialStatus.PRUNED,
+                       f"lr {s.trial.learning_rate:g} stopped at step {screen}: eval loss {last_eval_loss(s):.4f}, "
+                       f"lr {win.trial.learning_rate:g} had {last_eval_loss(win):.4f}")
+            if spec.halving.enabled:
+                survivors.append(win)  # the configs' halving needs them all
+                continue
+            bars.trial(f"{win.name} (lr {win.trial.learning_rate:g}, to step {t.max_steps})")
+            engine.advance([win], steps, t.max_steps, eval_set, t.eval_every, bars.step)
+            finish(win)
+        states = survivors
+    if spec.halving.enabled and len(states) > 1:
+        h = spec.halving
+        low = screen_step(t) if survivors is not None else 0
+        rungs = sorted({r for r in (max(1, math.ceil(t.max_steps / h.eta ** k)) for k in range(h.rungs)) if r > low}
+                       | {t.max_steps})
+    else:
+        rungs = [t.max_steps]
+    if survivors is None and len(rungs) == 1:  # one trial after another: one adapter on the model at a time
+        for trial in states:
+            s = start(trial)
+            bars.trial(trial.name)
+            engine.advance([s], steps, t.max_steps, eval_set, t.eval_every, bars.step)
+            finish(s)
+        return
+    if survivors is None:
+        states = [start(trial) for trial in states]
+    for i, rung in enumerate(rungs):
+        for s in (x for x in states if x.status is None):
+            bars.trial(f"{s.name} (rung {i + 1}/{len(rungs)}: step {rung})" if len(rungs) > 1 else s.name)
+            engine.advance([s], steps, rung, eval_set, t.eval_every, bars.step)
+        for s in states:
+            if s.status is not None and s.name not in finished:
+                finish(s)
+        live = sorted((s for s in states if s.status is None), key=last_eval_loss)
+        if rung == rungs[-1]:
+            for s in live:
+                finish(s)
+            break
+        keep = max(1, math.ceil(len(live) / spec.halving.eta))
+        for s in live[keep:]:
+            finish(s, TrialStatus.PRUNED, f"stopped at step {s.step} by successive halving (eval loss "
+                                          f"{last_eval_loss(s):.4f}, not in the best {keep} of {len(live)})")
+
+
+def last_eval_loss(state) -> float:
+    ev = state.last_eval
+    return ev.eval_loss if ev is not None and ev.eval_loss is not None and math.isfinite(ev.eval_loss) else math.inf
 
 
 def family_key(plan: LoraPlan) -> tuple:

@@ -186,6 +186,8 @@ class TrialResult:
     peak_memory_bytes: int | None = None
     adapter: str | None = None  # the adapter folder, relative to the trial's folder
     engine: str | None = None  # which engine trained it: fast or peft (sweeps/fast_engine.py)
+    learning_rate: float | None = None  # the peak rate it trained at (None: an older result.json)
+    config: str | None = None  # the config it trained at one of several learning rates (None: itself)
     eval_batches: EvalBatches | None = None
     started: str | None = None
     finished: str | None = None
@@ -259,6 +261,9 @@ class Summary:
     failed: dict[str, str] = field(default_factory=dict)
     trials: dict[str, Comparison] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    lr_policy: str | None = None  # per-config or fixed (None: an older summary.json)
+    settled: bool | None = None  # whether the best and the recommended trials' eval curves had flattened
+    settle_note: str | None = None  # why (not), and how many steps would settle it
 
     def to_json(self) -> dict:
         out = _fields_json(self)

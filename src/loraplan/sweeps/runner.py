@@ -19,6 +19,7 @@ from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
 from ..files import read_json
 from ..plan.count import count_plan, human_bytes, human_count
+from .fair import lr_arms, lr_policy_text, run_schedule, with_budget
 from .fast_engine import make_engine
 from .folder import (
     LEDGER_FORMAT,
@@ -138,9 +139,11 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
         raise UsageError("no model given", "loraplan sweep MODEL --data FILE")
     if not spec.data.train:
         raise UsageError("no training data given", "--data FILE (JSONL, JSON, CSV, parquet or a Hub dataset)")
-    trials = expand(spec)
-    warnings = alpha_warnings(trials)
-    structure, preview = preflight(spec, spec.model, trials)
+    configs = expand(spec)
+    warnings = alpha_warnings(configs)
+    structure, preview = preflight(spec, spec.model, configs)
+    spec = with_budget(spec, len(configs))
+    trials = lr_arms(configs, spec.training)  # each config once per learning rate of the policy
     out = Path(out)
     if dry_run:
         return SweepResult(out, trials, [], None, warnings, dry_run=True, preview=preview)
@@ -196,14 +199,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
         ledger.update_header(environment=header["environment"])
         training = t.model_dump(mode="json")
         try:
-            if spec.halving.enabled and len(pending) > 1:
-                _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars)
-            else:
-                for trial in pending:
-                    state = engine.start(trial, ledger.trial(trial.name), training)
-                    bars.trial(trial.name)
-                    engine.advance([state], steps, t.max_steps, eval_set, t.eval_every, bars.step)
-                    bars.done(engine.finish(state))
+            run_schedule(engine, pending, ledger, steps, eval_set, spec, training, bars)
         finally:
             engine.close()
             bars.close()
@@ -211,7 +207,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     folder = ledger.read()
     names = {t.name for t in trials}
     results = [r for r in folder.trials if r.name in names]
-    summary = summarize(results)
+    summary = summarize(results, lr_policy=t.lr_policy)
     summary.warnings = warnings
     write_outputs(ledger, folder, results, summary)
     return SweepResult(ledger.root, trials, results, summary, warnings,
@@ -255,44 +251,6 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
     return spec.model_copy(update={"trials": base + [trial]})
 
 
-def _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars) -> None:
-    """Successive halving (Jamieson & Talwalkar 2016): every live trial trains to the next rung;
-    the best 1/eta go on, the rest stop as `pruned` with their adapter and curves kept."""
-    t, h = spec.training, spec.halving
-    rungs = sorted({max(1, math.ceil(t.max_steps / h.eta ** k)) for k in range(h.rungs)})
-    states = []
-    for trial in pending:
-        states.append(engine.start(trial, ledger.trial(trial.name), training))
-    finished: set[str] = set()
-
-    def finish(s, *args):
-        finished.add(s.name)
-        bars.done(engine.finish(s, *args))
-
-    for i, rung in enumerate(rungs):
-        live = [s for s in states if s.status is None]
-        for s in live:
-            bars.trial(f"{s.name} (rung {i + 1}/{len(rungs)}: step {rung})")
-            engine.advance([s], steps, rung, eval_set, t.eval_every, bars.step)
-        for s in states:
-            if s.status is not None and s.name not in finished:
-                finish(s)
-        live = sorted((s for s in states if s.status is None), key=_last_eval_loss)
-        if rung == rungs[-1]:
-            for s in live:
-                finish(s)
-            break
-        keep = max(1, math.ceil(len(live) / h.eta))
-        for s in live[keep:]:
-            finish(s, TrialStatus.PRUNED, f"stopped at step {s.step} by successive halving (eval loss "
-                                          f"{_last_eval_loss(s):.4f}, not in the best {keep} of {len(live)})")
-
-
-def _last_eval_loss(state) -> float:
-    ev = state.last_eval
-    return ev.eval_loss if ev is not None and ev.eval_loss is not None else math.inf
-
-
 def write_outputs(ledger: SweepFolder, folder: Sweep, results: list[TrialResult], summary: Summary) -> None:
     ledger.write_outputs(results, summary, summary_markdown(folder, results, summary))
     from .report import report
@@ -316,6 +274,7 @@ def result_rows(results: list[TrialResult], summary: Summary) -> list[list[str]]
         loss = (f"{_fmt(r.eval_loss)} ± {_fmt(r.eval_loss_sem)}" if r.status is TrialStatus.COMPLETED
                 else r.status.value)
         rows.append([r.name, r.targets, r.r, f"{r.lora_alpha:g}" if r.lora_alpha is not None else "—",
+                     f"{r.learning_rate:g}" if r.learning_rate else "—",
                      "✓" if r.use_rslora else "", "✓" if r.use_dora else "",
                      human_count(r.trainable_params) if r.trainable_params else "—",
                      loss, delta, _fmt(r.train_loss), _fmt(r.wall_s, ".1f"), _fmt(r.tokens_per_s, ",.0f"),
@@ -323,7 +282,7 @@ def result_rows(results: list[TrialResult], summary: Summary) -> list[list[str]]
     return rows
 
 
-RESULT_HEADERS = ["trial", "targets", "r", "alpha", "rsLoRA", "DoRA", "params", "eval loss ± sem", "Δ best",
+RESULT_HEADERS = ["trial", "targets", "r", "alpha", "lr", "rsLoRA", "DoRA", "params", "eval loss ± sem", "Δ best",
                   "train loss", "time s", "tok/s", "peak mem", ""]
 
 
@@ -336,7 +295,7 @@ def summary_markdown(sweep: Sweep, results: list[TrialResult], summary: Summary)
                  f"peft {env.get('peft')}.")
     training = sweep.spec.get("training", {})
     lines.append(f"Training per trial: {training.get('max_steps')} steps × batch {training.get('batch_size')}, "
-                 f"lr {training.get('learning_rate')}, {training.get('scheduler')} schedule, seed {training.get('seed')}.")
+                 f"{training.get('scheduler')} schedule, seed {training.get('seed')}; {lr_policy_text(training)}.")
     lines += ["", "| " + " | ".join(RESULT_HEADERS) + " |", "|" + "---|" * len(RESULT_HEADERS)]
     for row in result_rows(results, summary):
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
@@ -345,6 +304,8 @@ def summary_markdown(sweep: Sweep, results: list[TrialResult], summary: Summary)
         lines.append(f"**Recommended: {summary.recommended}** — {summary.reason}.")
         lines.append("")
         lines.append(f"Noise: {summary.noise_method}. `*` marks a trial outside the noise of the best.")
+        if summary.settle_note:
+            lines += ["", f"{'Settled' if summary.settled else 'Not settled'}: {summary.settle_note}."]
     else:
         lines.append(f"No recommendation: {summary.reason}.")
     messages = {r.name: r.message for r in results}
