@@ -164,3 +164,14 @@ def test_per_config_sweep_keeps_each_configs_best_rate(tmp_path):
     again = sweep(model, str(tmp_path / "train.jsonl"), out=out, overrides=overrides, progress=False)
     assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")} == stamps
     assert again.summary.recommended == s.recommended
+
+
+def test_grid_from_probe_keeps_both_sides_of_what_the_probe_cannot_tell():
+    from loraplan.sweeps.runner import grid_from_probe
+
+    grid = grid_from_probe({"plan": {"targets": "up,gate", "r": 8},
+                            "uncertain": ["targets: attention or mlp", "rank"]})
+    assert grid["targets"] == ["up,gate", "attention", "mlp", "all-linear"] and grid["r"] == [2, 4, 8, 16]
+    assert grid_from_probe({"plan": {"targets": "up,gate", "r": 8}, "uncertain": []}) == {
+        "targets": ["up,gate", "all-linear"], "r": [4, 8, 16], "alpha": ["r"]}
+    assert grid_from_probe({"plan": {"targets": "mlp", "r": 8}})["targets"] == ["mlp", "attention", "all-linear"]

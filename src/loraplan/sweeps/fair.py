@@ -1,24 +1,22 @@
 """Fair comparisons: what makes the sweep's answer about capacity, not about learning speed.
 
-Three things decide a short LoRA ablation besides what each config can express, and each is handled:
-
-- The learning rate. Configs are compared each at its own best learning rate: a `family` is the
-  configs that differ only in r (same targets, DoRA, rsLoRA, LoRA+, dropout, layers); its top-rank
-  config (the `lead`) is trained at a small grid of learning rates around the plan's, and the best
-  one is the family's. One rate serves every rank of a family because alpha is fixed across ranks
-  (scale alpha/r): under Adam the first steps then change ΔW by the same amount at every rank, and
-  the best rate is nearly rank-independent (LoRA Without Regret, Thinking Machines 2025; on planted
-  tasks: benchmarks/truth/RESULTS.md). With alpha = r a rank-r adapter's step grows with r, so at
-  one rate the higher ranks win a short run by learning faster.
-- Learning speed at equal rate. Even so a higher rank finds the planted directions sooner (its
-  random A overlaps them more), and a broader target set gains sooner. So ranks are also judged by
-  `certificates`: the lead's trained ΔW cut by SVD to each lower rank of the family (what
-  `loraplan compress` does), evaluated on the same eval batches. A cut adapter is a real adapter of
-  that rank, so its eval loss shows what the rank can reach — long before the low-rank trial itself
-  has caught up.
-- Noise. Every candidate (trained or cut) is compared with the best on the same eval batches: the
-  noise is 2σ of the paired per-batch difference (ranking.py). The recommendation is the cheapest
-  candidate within noise of the best.
+- The learning rate (wired into the sweep: `training.lr_policy`, `run_schedule`). With alpha = r and
+  one learning rate a rank-r adapter's Adam step grows with r, so a higher rank wins a short run by
+  learning faster (LoRA Without Regret, Thinking Machines 2025; on our planted tasks the best rate
+  falls with r under alpha = r and is nearly rank-independent under a fixed alpha:
+  benchmarks/truth/RESULTS.md). So each config is trained at a small log-spaced grid of rates (lr ×
+  1/3, 1, 3) up to a screen step, the best rate goes on and the others stop: successive halving
+  inside each config, about 1.5 × the steps of one pass of the grid. The recommendation is then the
+  cheapest config within noise of the best, each at its own best rate (ranking.py), and the summary
+  says whether the curves had flattened.
+- Learning speed at equal rate. Even so a higher rank finds the planted directions sooner, and a
+  broader target set gains sooner. `derived` cuts a trained adapter's ΔW by SVD to a lower rank
+  (what `loraplan compress` does) and/or to fewer roles, in place, so that its eval loss shows what
+  the smaller config can reach before the smaller trial itself has caught up; `decide` picks the
+  cheapest candidate, trained or derived, within paired noise. These "certificates" are measured in
+  benchmarks/truth (certify.py, replay.py) and not yet part of the sweep's schedule.
+- Noise. Every candidate is compared with the best on the same eval batches: the noise is 2σ of the
+  paired per-batch difference (ranking.py).
 """
 
 from __future__ import annotations

@@ -226,11 +226,16 @@ def _read_probe(path: str | Path) -> dict:
 
 
 def grid_from_probe(data: dict) -> dict:
-    """The probe's plan, half and twice its rank, next to every linear layer at the same ranks."""
+    """The probe's plan with both sides of what it cannot tell (its `uncertain` list; a probe.json
+    without one is the same method): attention and the MLP each, next to the plan's own targets and
+    every linear layer, at a quarter, half, once and twice its rank."""
     plan = data["plan"]
     r = int(plan["r"])
-    return {"targets": list(dict.fromkeys([plan["targets"], "all-linear"])),
-            "r": sorted({max(1, r // 2), r, 2 * r}), "alpha": ["r"]}
+    uncertain = data.get("uncertain", ["targets: attention or mlp", "rank"])
+    both = ["attention", "mlp"] if any(u.startswith("targets") for u in uncertain) else []
+    ranks = {max(1, r // 4), max(1, r // 2)} if "rank" in uncertain else {max(1, r // 2)}
+    return {"targets": list(dict.fromkeys([plan["targets"], *both, "all-linear"])),
+            "r": sorted(ranks | {r, 2 * r}), "alpha": ["r"]}
 
 
 def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
