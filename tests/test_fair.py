@@ -134,7 +134,7 @@ def test_per_config_sweep_keeps_each_configs_best_rate(tmp_path):
     model = save_tiny_model(tmp_path / "model", "llama")
     lines = [json.dumps({"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}."}) for i in range(48)]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    overrides = {"grid": {"targets": ["q,v", "mlp"], "r": [4], "alpha": ["r"]}, "training.budget_steps": 36,
+    overrides = {"grid": {"targets": ["q,v", "mlp"], "r": [2, 4], "alpha": ["r"]}, "training.budget_steps": 72,
                  "training.batch_size": 4, "training.eval_every": 3, "training.warmup_steps": 1,
                  "training.learning_rate": 1e-2, "data.max_length": 64}
     out = tmp_path / "s"
@@ -142,9 +142,9 @@ def test_per_config_sweep_keeps_each_configs_best_rate(tmp_path):
     by_config = {}
     for r in result.results:
         by_config.setdefault(r.config, []).append(r)
-    assert set(by_config) == {"q+v_r4", "mlp_r4"}
+    assert set(by_config) == {"q+v_r2", "q+v_r4", "mlp_r2", "mlp_r4"}
     max_steps = json.loads((out / "sweep.json").read_text())["spec"]["training"]["max_steps"]
-    assert max_steps == 12 and sum(r.steps for r in result.results) <= 36  # 2 configs × (3 × 3 + 9)
+    assert max_steps == 12 and sum(r.steps for r in result.results) <= 72  # 4 configs × (3 × 3 + 9)
     for config, arms in by_config.items():
         assert sorted(a.learning_rate for a in arms) == [0.00333, 0.01, 0.03]
         done = [a for a in arms if a.status == "completed"]
@@ -154,6 +154,9 @@ def test_per_config_sweep_keeps_each_configs_best_rate(tmp_path):
         assert all(done[0].evals[0].eval_loss <= p.eval_loss for p in pruned)  # the best rate at the screen
         assert json.loads((out / "trials" / done[0].name / "plan.json").read_text())["training"]["learning_rate"] \
             == done[0].learning_rate
+        # a family's top rank carries its ΔW cut to the lower rank, on the same eval batches
+        cut = done[0].certificates
+        assert (set(cut) == {"2"} and len(cut["2"]) == len(done[0].eval_batches.loss)) if done[0].r == 4 else cut is None
     s = result.summary
     assert s.lr_policy == "per-config" and s.settled in (True, False) and s.settle_note
     assert set(s.ranking) == {a.name for arms in by_config.values() for a in arms if a.status == "completed"}
@@ -175,3 +178,29 @@ def test_grid_from_probe_keeps_both_sides_of_what_the_probe_cannot_tell():
     assert grid_from_probe({"plan": {"targets": "up,gate", "r": 8}, "uncertain": []}) == {
         "targets": ["up,gate", "all-linear"], "r": [4, 8, 16], "alpha": ["r"]}
     assert grid_from_probe({"plan": {"targets": "mlp", "r": 8}})["targets"] == ["mlp", "attention", "all-linear"]
+
+
+def test_a_cut_within_noise_of_the_best_vouches_for_its_rank():
+    """mlp_r8 is best; mlp_r4's own run is clearly worse, but mlp_r8's ΔW cut to r=4 is as good as
+    mlp_r8: r=4 holds the change, so mlp_r4 (fewer parameters) is recommended. A cut to r=2 that is
+    clearly worse vouches for nothing."""
+    from loraplan.sweeps.folder import EvalBatches, TrialResult, TrialStatus
+    from loraplan.sweeps.ranking import summarize
+
+    tokens = [100] * 6
+    base = [4.00, 4.10, 4.05, 3.95, 4.02, 4.08]
+
+    def trial(name, r, shift, cuts=None):
+        losses = [x + shift for x in base]
+        return TrialResult(name, TrialStatus.COMPLETED, targets="mlp", r=r, lora_alpha=float(r),
+                           trainable_params=1000 * r, eval_loss=sum(losses) / 6, eval_loss_sem=0.02,
+                           eval_batches=EvalBatches(losses, tokens), certificates=cuts, steps=200)
+
+    wobble = [0.001, -0.001, 0.002, -0.002, 0.001, -0.001]
+    lead = trial("mlp_r8", 8, 0.0, {"4": [x + w for x, w in zip(base, wobble)], "2": [x + 0.1 for x in base]})
+    results = [lead, trial("mlp_r4", 4, 0.05), trial("mlp_r2", 2, 0.12)]
+    s = summarize(results)
+    assert s.best == "mlp_r8" and s.recommended == "mlp_r4" and set(s.certified) == {"mlp_r4"}
+    assert "cut to r=4 by SVD" in s.reason and "learns slower" in s.reason
+    lead.certificates = {"2": [x + 0.1 for x in base]}
+    assert summarize(results).recommended == "mlp_r8"

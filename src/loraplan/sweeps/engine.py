@@ -61,6 +61,7 @@ class TrialState:
     peak_memory: int | None = None
     rng: object = None
     parked: dict | None = None  # while its adapter is off the model: weights, optimizer and schedule state
+    certificates: dict[str, list[float]] | None = None  # rank -> per-batch eval losses of the cut adapter
 
     @property
     def name(self) -> str:
@@ -372,6 +373,20 @@ class PeftEngine:
                 counts.append(n)
         return losses, counts
 
+    def evaluate_cut(self, state: TrialState, eval_set: list[MicroBatch], rank: int) -> list[float] | None:
+        """The per-batch eval losses of the trial's adapter with each ΔW cut to its `rank` largest
+        singular directions (fair.derived); the trained weights are restored after."""
+        from .fair import derived
+
+        if state.status is not None or state.trial.plan.use_dora:
+            return None
+        if state.parked is not None:
+            self._unpark(state)
+        self.peft_model.set_adapter(state.name)
+        with derived(self.peft_model, state.name, rank=rank):
+            losses, _ = self._eval_losses(eval_set)
+        return losses
+
     def _release(self, state: TrialState) -> None:
         import torch
 
@@ -415,7 +430,8 @@ class PeftEngine:
             tokens_per_s=round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
             peak_memory_bytes=state.peak_memory, adapter="adapter" if saved else None,
             eval_batches=state.last_eval_batches if ev else None, started=state.started_at,
-            engine="peft", learning_rate=self._lr(state.trial), config=state.trial.config)
+            engine="peft", learning_rate=self._lr(state.trial), config=state.trial.config,
+            certificates=state.certificates)
 
 
 def record_train_loss(state: TrialState, total: float, lr: float) -> None:

@@ -99,7 +99,30 @@ def with_budget(spec: SweepSpec, configs: int) -> SweepSpec:
     return spec.model_copy(update={"training": t.model_copy(update={"max_steps": steps})})
 
 
-def run_schedule(engine, trials: list[Trial], ledger, steps, eval_set, spec: SweepSpec, training: dict, bars) -> None:
+def rank_family(plan: LoraPlan) -> tuple:
+    """Configs that differ only in r (and alpha): a ΔW of one cut to another's rank is that config's."""
+    return (plan.targets, plan.use_dora, plan.use_rslora, plan.loraplus_lr_ratio, plan.lora_dropout, plan.layers)
+
+
+def certificate_ranks(trials: list[Trial]) -> dict[str, list[int]]:
+    """For each family's top-rank config (by config name): the lower ranks of its family in the grid,
+    which its trained ΔW is cut to (not for DoRA: its magnitude vector is not a low-rank ΔW)."""
+    families: dict[tuple, dict[str, int]] = {}
+    for t in trials:
+        families.setdefault(rank_family(t.plan), {})[t.config or t.name] = t.plan.r
+    out = {}
+    for key, members in families.items():
+        if key[1]:
+            continue
+        lead = max(members, key=members.get)
+        lower = sorted({r for r in members.values() if r < members[lead]})
+        if lower:
+            out[lead] = lower
+    return out
+
+
+def run_schedule(engine, trials: list[Trial], ledger, steps, eval_set, spec: SweepSpec, training: dict, bars,
+                 everything: list[Trial] | None = None) -> None:
     """Train `trials` (the pending ones) under the spec's learning-rate policy and halving.
 
     per-config: each config's rates train to the screen step; the best one goes on, the others stop
@@ -107,9 +130,15 @@ def run_schedule(engine, trials: list[Trial], ledger, steps, eval_set, spec: Swe
     survivors train to max_steps, through successive halving across configs when halving is on."""
     t = spec.training
     finished: set[str] = set()
+    cuts = certificate_ranks(everything or trials)
 
     def finish(state, *args):
         finished.add(state.name)
+        ranks = cuts.get(state.trial.config or state.name) if state.status is None and not args else None
+        if ranks and hasattr(engine, "evaluate_cut"):  # a family's lead, done: what its ΔW holds at each lower rank
+            bars.trial(f"{state.name} (its ΔW cut to r={', '.join(map(str, ranks))})")
+            cut = {str(r): engine.evaluate_cut(state, eval_set, r) for r in ranks}
+            state.certificates = {r: losses for r, losses in cut.items() if losses is not None} or None
         bars.done(engine.finish(state, *args))
 
     def start(trial):

@@ -57,10 +57,16 @@ def summarize(results: list[TrialResult], lr_policy: str | None = None) -> Summa
         return Summary([], None, None, "no trial completed with a finite eval loss", failed=failed)
     best = ranked[0]
     table = {r.name: compare(r, best) for r in ranked}
-    within = [r for r in ranked if table[r.name].within_noise]
+    certified = certify(ranked, best)
+    within = [r for r in ranked if table[r.name].within_noise or r.name in certified]
     pick = min(within, key=lambda r: (r.trainable_params or math.inf, r.eval_loss))
     noise = table[pick.name].noise if pick is not best else _typical_noise(table, best.name)
-    if pick is best:
+    if pick.name in certified and not table[pick.name].within_noise:
+        reason = (f"{pick.name} has the fewest trainable parameters ({pick.trainable_params:,}) among configs as good "
+                  f"as the best ({best.name}, {best.eval_loss:.4f}): {certified[pick.name]}. Its own run reached "
+                  f"{pick.eval_loss:.4f} (+{table[pick.name].delta:.4f}) in {pick.steps} steps: it learns slower, "
+                  "its rank holds the change")
+    elif pick is best:
         cheaper = [r for r in ranked[1:] if (r.trainable_params or 0) < (best.trainable_params or 0)]
         if cheaper:
             c = cheaper[0]
@@ -76,7 +82,35 @@ def summarize(results: list[TrialResult], lr_policy: str | None = None) -> Summa
                   f"{pick.eval_loss:.4f}, +{table[pick.name].delta:.4f} ≤ ±{noise:.4f}")
     settled, note = settling([best] if pick is best else [pick, best], noise)
     return Summary([r.name for r in ranked], best.name, pick.name, reason, noise=noise, noise_method=NOISE_METHOD,
-                   failed=failed, trials=table, lr_policy=lr_policy, settled=settled, settle_note=note)
+                   failed=failed, trials=table, lr_policy=lr_policy, settled=settled, settle_note=note,
+                   certified=certified)
+
+
+def _family(r: TrialResult) -> tuple:
+    return (r.targets, r.use_dora, r.use_rslora, r.loraplus_lr_ratio, r.lora_dropout)
+
+
+def certify(ranked: list[TrialResult], best: TrialResult) -> dict[str, str]:
+    """Configs vouched for by a cut: a family lead's ΔW cut by SVD to a lower rank of its family
+    (its `certificates`, on the same eval batches) within the noise of the best. What a rank can
+    reach shows in the cut long before that rank's own run has caught up (benchmarks/truth)."""
+    out: dict[str, str] = {}
+    if not (best.eval_batches and len(best.eval_batches.loss) > 1):
+        return out
+    tokens = best.eval_batches.tokens
+    for lead in ranked:
+        for rank, losses in sorted((lead.certificates or {}).items(), key=lambda kv: int(kv[0])):
+            if len(losses) != len(tokens) or not (lead.eval_batches and lead.eval_batches.tokens == tokens):
+                continue
+            mean, _ = weighted_mean_sem(losses, tokens)
+            _, sem = weighted_mean_sem([x - y for x, y in zip(losses, best.eval_batches.loss, strict=True)], tokens)
+            if not (_finite(mean) and _finite(sem)) or mean - best.eval_loss > NOISE_SIGMAS * sem:
+                continue
+            for r in ranked:
+                if r.r == int(rank) and _family(r) == _family(lead) and r.name not in out:
+                    out[r.name] = (f"{lead.name}'s ΔW cut to r={rank} by SVD reaches {mean:.4f} "
+                                   f"({mean - best.eval_loss:+.4f}, noise ±{NOISE_SIGMAS * sem:.4f})")
+    return out
 
 
 def settling(trials: list[TrialResult], noise: float | None) -> tuple[bool | None, str | None]:

@@ -199,7 +199,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
         ledger.update_header(environment=header["environment"])
         training = t.model_dump(mode="json")
         try:
-            run_schedule(engine, pending, ledger, steps, eval_set, spec, training, bars)
+            run_schedule(engine, pending, ledger, steps, eval_set, spec, training, bars, everything=trials)
         finally:
             engine.close()
             bars.close()
@@ -275,7 +275,8 @@ def result_rows(results: list[TrialResult], summary: Summary) -> list[list[str]]
         info = summary.trials.get(r.name)
         mark = "◀ recommended" if r.name == summary.recommended else ("best" if r.name == summary.best else "")
         delta = "" if not info else ("0" if r.name == summary.best else
-                                     f"+{info.delta:.4f}" + ("" if info.within_noise else " *"))
+                                     f"+{info.delta:.4f}" + ("" if info.within_noise else
+                                                             " (cut ✓)" if r.name in summary.certified else " *"))
         loss = (f"{_fmt(r.eval_loss)} ± {_fmt(r.eval_loss_sem)}" if r.status is TrialStatus.COMPLETED
                 else r.status.value)
         rows.append([r.name, r.targets, r.r, f"{r.lora_alpha:g}" if r.lora_alpha is not None else "—",
@@ -308,7 +309,10 @@ def summary_markdown(sweep: Sweep, results: list[TrialResult], summary: Summary)
     if summary.recommended:
         lines.append(f"**Recommended: {summary.recommended}** — {summary.reason}.")
         lines.append("")
-        lines.append(f"Noise: {summary.noise_method}. `*` marks a trial outside the noise of the best.")
+        lines.append(f"Noise: {summary.noise_method}. `*` marks a trial outside the noise of the best; `(cut ✓)` "
+                     "one whose rank a larger trial's ΔW, cut to it by SVD, shows to be enough.")
+        for name, why in summary.certified.items():
+            lines.append(f"- {name}: {why}")
         if summary.settle_note:
             lines += ["", f"{'Settled' if summary.settled else 'Not settled'}: {summary.settle_note}."]
     else:
