@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import UsageError
 from .plan.alpha import FIX, AlphaTrap, alpha_traps
 from .sweeps.folder import TrialResult, TrialStatus, read_sweep, read_trial
-from .sweeps.ranking import compare
+from .sweeps.ranking import certify, compare
 
 # -- thresholds ---------------------------------------------------------------------------------
 # Spikes: a step's loss against the median of the steps before it. Per-step losses of small
@@ -167,6 +167,8 @@ def diagnose(run: str | os.PathLike) -> Diagnosis:
         runs, kind = [read_trainer_state(checkpoints[-1])], "trainer_state"
     findings = []
     for r in runs:
+        if r.status == "pruned" and r.result is not None and r.result.config is not None:
+            continue  # a learning rate its config did not keep: the sweep's table says so
         findings.extend(run_findings(r, tagged=kind == "sweep"))
     if kind == "sweep":
         findings.extend(sweep_findings(runs))
@@ -554,11 +556,15 @@ def rank_series(runs: list[Run], trapped: set) -> list[Finding]:
         caveat = " (confounded: alpha/r differs across these ranks)" if group in trapped else ""
         evidence = {"group": list(group), "best": best.name, "best_r": best.r, "best_eval_loss": best.result.eval_loss}
         noise = {m.name: compare(m.result, best.result) for m in done}
-        worse = [m for m in done if noise[m.name].worse]
+        # a lower rank that the best's ΔW, cut to it by SVD, matches holds the change: it learns slower
+        vouched = certify([m.result for m in done], best.result)
+        worse = [m for m in done if noise[m.name].worse and m.name not in vouched]
+        floor = min([best.r] + [m.r for m in done if m.name in vouched])
+        held = f" (r={floor} holds it: {vouched[next(m.name for m in done if m.r == floor)]})" if floor < best.r else ""
         sides = [
-            ([m for m in worse if m.r < best.r], "underfitting", "higher",
-             f"r={best.r} reaches eval loss {best.eval_loss:.4g}; lower ranks are clearly worse", "",
-             f"use r ≥ {best.r} for {_group_text(group)}"),
+            ([m for m in worse if m.r < floor], "underfitting", "higher",
+             f"r={best.r} reaches eval loss {best.eval_loss:.4g}{held}; lower ranks are clearly worse", "",
+             f"use r ≥ {floor} for {_group_text(group)}"),
             ([m for m in worse if m.r > best.r], "overfitting", "lower",
              f"higher ranks than r={best.r} ({best.eval_loss:.4g}) are clearly worse",
              f": past r={best.r} is overfitting territory", f"keep r ≤ {best.r} for {_group_text(group)}, or add data"),

@@ -139,7 +139,7 @@ def settling(trials: list[TrialResult], noise: float | None) -> tuple[bool | Non
                      + hint)
     if settled:
         return True, "the eval curves of the best and the recommended trials had flattened (last drop within noise)"
-    return False, ("not settled: " + "; ".join(notes) + ". A higher rank or broader targets can still win by "
+    return False, ("; ".join(notes) + ". A higher rank or broader targets can still win by "
                    "learning faster: rerun with more --max-steps (or a larger --budget) before trusting the rank")
 
 
