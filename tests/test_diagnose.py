@@ -290,3 +290,23 @@ def test_bad_runs_are_one_line_errors(tmp_path, capsys):
     (broken / "metrics.jsonl").write_text('{"kind": "train"\n{"kind": "train", "step": 1, "train_loss": 2.0}\n')
     code, out, err = run_cli(["diagnose", str(broken)], capsys)
     assert code == 0 and "note: broken/metrics.jsonl: 1 unreadable line skipped (line 1)" in out, err
+
+
+def test_a_lower_rank_that_a_cut_vouches_for_is_not_underfitting(tmp_path):
+    """Per-config sweep: mlp_r8 best, mlp_r4 and mlp_r2 clearly worse in their own runs, but mlp_r8's
+    ΔW cut to r=4 matches it: the advice is r ≥ 4 (r=2's cut is clearly worse), not r ≥ 8."""
+    sweep = tmp_path / "sweep"
+    names = ["mlp_r8", "mlp_r4", "mlp_r2"]
+    write_sweep(sweep, names)
+    base = [1.40, 1.45, 1.42, 1.38, 1.41, 1.44]
+    for name, r, shift in (("mlp_r8", 8, 0.0), ("mlp_r4", 4, 0.05), ("mlp_r2", 2, 0.12)):
+        folder = write_trial(sweep, name, r, r, sum(base) / 6 + shift, targets="mlp", config=name)
+        result = json.loads((folder / "result.json").read_text())
+        result["eval_batches"] = {"loss": [x + shift for x in base], "tokens": [100] * 6}
+        if r == 8:
+            result["certificates"] = {"4": [x + 0.001 * (-1) ** i for i, x in enumerate(base)],
+                                      "2": [x + 0.1 for x in base]}
+        (folder / "result.json").write_text(json.dumps(result))
+    under = [f for f in diagnose(sweep).findings if f.kind == "underfitting" and f.evidence.get("group")]
+    assert len(under) == 1 and under[0].advice == "use r ≥ 4 for targets mlp", [f.message for f in under]
+    assert [w["r"] for w in under[0].evidence["worse"]] == [2] and "cut to r=4" in under[0].message

@@ -79,7 +79,7 @@ def run(args) -> int:
                 for p in result.preview]
         print(table(["trial", "targets", "r", "alpha", "rsLoRA", "DoRA", "params", "est. GPU memory", "target_modules"],
                     rows, "llrrllrrl"))
-        print(f"{len(rows)} trials; nothing trained (--dry-run)")
+        print(f"{result.schedule}; nothing trained (--dry-run)")
         return 0
     print()
     for line in result.data or []:

@@ -19,7 +19,7 @@ from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
 from ..files import read_json
 from ..plan.count import count_plan, human_bytes, human_count
-from .fair import lr_arms, lr_policy_text, run_schedule, with_budget
+from .fair import cost_per_config, lr_arms, lr_policy_text, run_schedule, with_budget
 from .fast_engine import make_engine
 from .folder import (
     LEDGER_FORMAT,
@@ -45,6 +45,7 @@ class SweepResult:
     dry_run: bool = False
     preview: list[dict] | None = None
     data: list[str] | None = None  # one line per split: examples, tokens, truncated, dropped
+    schedule: str | None = None  # the learning-rate policy and the steps it costs, in words
 
     def to_json(self) -> dict:
         return {"out": str(self.out), "summary": self.summary.to_json() if self.summary else {},
@@ -144,9 +145,12 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     structure, preview = preflight(spec, spec.model, configs)
     spec = with_budget(spec, len(configs))
     trials = lr_arms(configs, spec.training)  # each config once per learning rate of the policy
+    t = spec.training
+    schedule = (f"{len(configs)} configs × {t.max_steps} steps; {lr_policy_text(t.model_dump())}: about "
+                f"{round(len(configs) * t.max_steps * cost_per_config(t)):,} optimizer steps in all")
     out = Path(out)
     if dry_run:
-        return SweepResult(out, trials, [], None, warnings, dry_run=True, preview=preview)
+        return SweepResult(out, trials, [], None, warnings, dry_run=True, preview=preview, schedule=schedule)
     with SweepFolder(out) as ledger:
         if out.exists():
             ledger.lock()  # a folder another sweep is using is refused before the data loads
