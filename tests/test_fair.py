@@ -204,3 +204,27 @@ def test_a_cut_within_noise_of_the_best_vouches_for_its_rank():
     assert "cut to r=4 by SVD" in s.reason and "learns slower" in s.reason
     lead.certificates = {"2": [x + 0.1 for x in base]}
     assert summarize(results).recommended == "mlp_r8"
+
+
+@pytest.mark.slow
+def test_per_config_rates_then_halving_across_configs(tmp_path):
+    """With halving on, each config's best rate survives the screen, then the configs halve at the
+    rungs after it: one config completes, the other is pruned by successive halving."""
+    import json
+
+    from support.tiny import save_tiny_model
+
+    from loraplan.sweeps.runner import sweep
+
+    model = save_tiny_model(tmp_path / "model", "llama")
+    lines = [json.dumps({"text": f"item {i} costs {3 * i} coins."}) for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    result = sweep(model, str(tmp_path / "train.jsonl"), out=tmp_path / "s", progress=False,
+                   overrides={"grid": {"targets": ["q,v", "mlp"], "r": [4]}, "training.lr_factors": [0.5, 2.0],
+                              "training.max_steps": 8, "training.batch_size": 4, "training.eval_every": 2,
+                              "training.warmup_steps": 1, "training.learning_rate": 1e-2, "data.max_length": 32,
+                              "halving.enabled": True, "halving.rungs": 2})
+    statuses = sorted((r.status.value, r.steps) for r in result.results)
+    assert statuses == [("completed", 8), ("pruned", 2), ("pruned", 2), ("pruned", 4)], statuses
+    halved = next(r for r in result.results if r.steps == 4)
+    assert "successive halving" in halved.message and result.summary.recommended not in (None, halved.name)
