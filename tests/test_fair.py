@@ -1,35 +1,10 @@
-"""Fair comparisons (sweeps/fair.py): the decision rule and the adapters derived from a trained one."""
+"""Fair comparisons (sweeps/fair.py, ranking.certify): the learning-rate policy, the budget, settling,
+the adapters cut from a trained one and the recommendation they vouch for."""
 
 import pytest
 import torch
 
-from loraplan.sweeps.fair import Candidate, decide, derived, family_key, lr_grid
-from loraplan.plan.lora_plan import LoraPlan
-
-
-def cand(name, targets, r, params, losses, source=None):
-    return Candidate(name, targets, r, params, sum(losses) / len(losses), list(losses), [10] * len(losses),
-                     source=source)
-
-
-def test_decide_picks_the_cheapest_within_paired_noise():
-    best = cand("mlp_r32", "mlp", 32, 3200, [4.00, 4.10, 4.20, 4.30])
-    close = cand("mlp_r32→r4", "mlp", 4, 400, [4.01, 4.09, 4.21, 4.31], source="mlp_r32")  # +0.0025, noisy
-    worse = cand("mlp_r2", "mlp", 2, 200, [4.10, 4.20, 4.30, 4.40])  # +0.1 on every batch: no noise
-    trained_same = cand("mlp_r4", "mlp", 4, 400, [4.02, 4.10, 4.20, 4.31])
-    d = decide([best, close, worse, trained_same])
-    assert d.best is best
-    assert "mlp_r2" not in d.within
-    assert d.pick is trained_same  # same params as the derived one: the trained one is preferred
-    d = decide([best, close, worse])
-    assert d.pick is close and d.pick.derived
-
-
-def test_family_and_lr_grid():
-    assert family_key(LoraPlan(targets="mlp", r=4, lora_alpha=16)) == family_key(LoraPlan(targets="mlp", r=32, lora_alpha=16))
-    assert family_key(LoraPlan(targets="mlp", r=4)) != family_key(LoraPlan(targets="mlp", r=4, lora_alpha=16))
-    assert family_key(LoraPlan(targets="mlp", r=4)) != family_key(LoraPlan(targets="mlp", r=4, use_dora=True))
-    assert lr_grid(3e-3) == [1e-3, 3e-3, 9e-3]
+from loraplan.sweeps.fair import derived
 
 
 def test_derived_adapter_is_the_svd_cut_and_is_restored():

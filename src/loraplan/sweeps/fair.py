@@ -10,11 +10,11 @@
   cheapest config within noise of the best, each at its own best rate (ranking.py), and the summary
   says whether the curves had flattened.
 - Learning speed at equal rate. Even so a higher rank finds the planted directions sooner, and a
-  broader target set gains sooner. `derived` cuts a trained adapter's ΔW by SVD to a lower rank
-  (what `loraplan compress` does) and/or to fewer roles, in place, so that its eval loss shows what
-  the smaller config can reach before the smaller trial itself has caught up; `decide` picks the
-  cheapest candidate, trained or derived, within paired noise. These "certificates" are measured in
-  benchmarks/truth (certify.py, replay.py) and not yet part of the sweep's schedule.
+  broader target set gains sooner. So each rank family's top-rank trial, when done, is evaluated with
+  its ΔW cut by SVD to every lower rank of the family in the grid (`derived`, what `loraplan
+  compress` does; the "certificates" in result.json). A cut is a real adapter of that rank: a cut
+  within noise of the best shows the rank holds the change, long before that rank's own run has
+  caught up (ranking.certify).
 - Noise. Every candidate is compared with the best on the same eval batches: the noise is 2σ of the
   paired per-batch difference (ranking.py).
 """
@@ -23,16 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..plan.lora_plan import LoraPlan
 from .folder import TrialStatus
-from .ranking import NOISE_SIGMAS, weighted_mean_sem
 from .spec import SweepSpec, TrainingSettings, Trial
-
-LR_FACTORS = (1 / 3, 1.0, 3.0)  # the learning-rate grid of a family's lead, around the plan's rate
-
 
 # -- the learning-rate policy: each config at its own best rate ----------------------------------------
 
@@ -214,75 +209,6 @@ def run_schedule(engine, trials: list[Trial], ledger, steps, eval_set, spec: Swe
 def last_eval_loss(state) -> float:
     ev = state.last_eval
     return ev.eval_loss if ev is not None and ev.eval_loss is not None and math.isfinite(ev.eval_loss) else math.inf
-
-
-def family_key(plan: LoraPlan) -> tuple:
-    """Configs that differ only in r (and an alpha that is one number for all of them) compare as ranks."""
-    return (plan.targets, plan.use_dora, plan.use_rslora, plan.loraplus_lr_ratio, plan.lora_dropout, plan.layers,
-            plan.lora_alpha is None)
-
-
-def lr_grid(lr: float, factors=LR_FACTORS) -> list[float]:
-    return [float(f"{lr * f:.3g}") for f in factors]
-
-
-@dataclass
-class Candidate:
-    """A config with a measured eval loss: a trained trial, or an adapter derived from one."""
-
-    name: str
-    targets: str
-    r: int
-    params: int
-    eval_loss: float
-    batch_losses: list[float]
-    batch_tokens: list[int]
-    source: str | None = None  # the trained trial it was derived from (None: trained itself)
-    how: str | None = None  # e.g. "ΔW cut to rank 4 by SVD"
-    learning_rate: float | None = None
-    step: int | None = None
-
-    @property
-    def derived(self) -> bool:
-        return self.source is not None
-
-
-@dataclass
-class Decision:
-    best: Candidate
-    pick: Candidate
-    noise: dict[str, float | None]  # candidate name -> paired noise to the best
-    within: list[str]
-    candidates: list[Candidate] = field(default_factory=list)
-
-    @property
-    def config(self) -> tuple[str, int]:
-        return (self.pick.targets, self.pick.r)
-
-
-def paired_noise(a: Candidate, b: Candidate, sigmas: float = NOISE_SIGMAS) -> float | None:
-    if len(a.batch_losses) != len(b.batch_losses) or len(a.batch_losses) < 2 or a.batch_tokens != b.batch_tokens:
-        return None
-    diffs = [x - y for x, y in zip(a.batch_losses, b.batch_losses, strict=True)]
-    _, sem = weighted_mean_sem(diffs, a.batch_tokens)
-    return None if sem is None else sigmas * sem
-
-
-def decide(candidates: list[Candidate]) -> Decision:
-    """The best candidate, and the cheapest within noise of it (fewest trainable parameters; then
-    the lower loss; a trained candidate before a derived one of the same config)."""
-    ok = [c for c in candidates if math.isfinite(c.eval_loss)]
-    best = min(ok, key=lambda c: (c.eval_loss, c.derived))
-    noise, within = {}, []
-    for c in ok:
-        n = 0.0 if c is best else paired_noise(c, best)
-        noise[c.name] = n
-        if c is best or (n is not None and c.eval_loss - best.eval_loss <= n):
-            within.append(c)
-    cheapest = min(c.params for c in within)
-    same = [c for c in within if c.params == cheapest]
-    pick = min(same, key=lambda c: (c.derived, c.eval_loss))
-    return Decision(best, pick, noise, [c.name for c in within], ok)
 
 
 # -- adapters derived from a trained one, in place on a PeftModel ----------------------------------
