@@ -203,3 +203,17 @@ def test_per_config_rates_then_halving_across_configs(tmp_path):
     assert statuses == [("completed", 8), ("pruned", 2), ("pruned", 2), ("pruned", 4)], statuses
     halved = next(r for r in result.results if r.steps == 4)
     assert "successive halving" in halved.message and result.summary.recommended not in (None, halved.name)
+
+
+def test_a_kept_rate_at_the_grids_edge_is_warned():
+    from loraplan.sweeps.fair import rate_edge_warnings
+    from loraplan.sweeps.folder import TrialResult, TrialStatus
+    from loraplan.sweeps.spec import load_spec
+
+    t = load_spec(None, {"training.learning_rate": 3e-3}).training
+    results = [TrialResult("a_lr9e-03", TrialStatus.COMPLETED, learning_rate=0.009, config="a"),
+               TrialResult("b", TrialStatus.COMPLETED, learning_rate=0.003, config="b"),
+               TrialResult("b_lr9e-03", TrialStatus.PRUNED, learning_rate=0.009, config="b")]
+    (warning,) = rate_edge_warnings(results, t)
+    assert "highest learning rate tried (0.009: a)" in warning and "raise training.learning_rate" in warning
+    assert rate_edge_warnings(results, load_spec(None, {"training.lr_policy": "fixed"}).training) == []

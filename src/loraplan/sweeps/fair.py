@@ -64,6 +64,21 @@ def lr_policy_text(training: dict) -> str:
             f"{training.get('lr_screen', 0.25):.0%} of the steps, the best one kept (per-config)")
 
 
+def rate_edge_warnings(results, training: TrainingSettings) -> list[str]:
+    """Configs whose kept rate is the grid's lowest or highest: their best rate may lie outside it."""
+    if training.lr_policy == "fixed" or len(training.lr_factors) < 2:
+        return []
+    low, high = (float(f"{training.learning_rate * f:.3g}") for f in (min(training.lr_factors), max(training.lr_factors)))
+    out = []
+    for edge, rate, fix in ((high, "highest", "raise"), (low, "lowest", "lower")):
+        names = [r.config for r in results if r.config and r.status.value == "completed" and r.learning_rate == edge]
+        if names:
+            out.append(f"{len(names)} config{'s' if len(names) > 1 else ''} kept the {rate} learning rate tried "
+                       f"({edge:g}: {', '.join(names[:4])}{', …' if len(names) > 4 else ''}): the best rate may lie "
+                       f"beyond the grid; {fix} training.learning_rate and rerun in a new folder")
+    return out
+
+
 def screen_step(training: TrainingSettings) -> int:
     return max(1, min(training.max_steps - 1, round(training.max_steps * training.lr_screen)))
 

@@ -19,7 +19,7 @@ from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
 from ..files import read_json
 from ..plan.count import count_plan, human_bytes, human_count
-from .fair import cost_per_config, lr_arms, lr_policy_text, run_schedule, with_budget
+from .fair import cost_per_config, lr_arms, lr_policy_text, rate_edge_warnings, run_schedule, with_budget
 from .fast_engine import make_engine
 from .folder import (
     LEDGER_FORMAT,
@@ -212,7 +212,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     names = {t.name for t in trials}
     results = [r for r in folder.trials if r.name in names]
     summary = summarize(results, lr_policy=t.lr_policy)
-    summary.warnings = warnings
+    summary.warnings = warnings + rate_edge_warnings(results, t)
     write_outputs(ledger, folder, results, summary)
     return SweepResult(ledger.root, trials, results, summary, warnings,
                        data=[splits.train_summary.describe(), f"eval ({splits.eval_source}): "
