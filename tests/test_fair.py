@@ -131,7 +131,10 @@ def test_per_config_sweep_keeps_each_configs_best_rate(tmp_path):
             == done[0].learning_rate
         # a family's top rank carries its ΔW cut to the lower rank, on the same eval batches
         cut = done[0].certificates
-        assert (set(cut) == {"2"} and len(cut["2"]) == len(done[0].eval_batches.loss)) if done[0].r == 4 else cut is None
+        if done[0].r == 4:
+            assert set(cut) == {"2"} and len(cut["2"]) == len(done[0].eval_batches.loss)
+        else:
+            assert cut is None
     s = result.summary
     assert s.lr_policy == "per-config" and s.settled in (True, False) and s.settle_note
     assert set(s.ranking) == {a.name for arms in by_config.values() for a in arms if a.status == "completed"}

@@ -68,7 +68,8 @@ def rate_edge_warnings(results, training: TrainingSettings) -> list[str]:
     """Configs whose kept rate is the grid's lowest or highest: their best rate may lie outside it."""
     if training.lr_policy == "fixed" or len(training.lr_factors) < 2:
         return []
-    low, high = (float(f"{training.learning_rate * f:.3g}") for f in (min(training.lr_factors), max(training.lr_factors)))
+    factors = training.lr_factors
+    low, high = (float(f"{training.learning_rate * f:.3g}") for f in (min(factors), max(factors)))
     out = []
     for edge, rate, fix in ((high, "highest", "raise"), (low, "lowest", "lower")):
         names = [r.config for r in results if r.config and r.status.value == "completed" and r.learning_rate == edge]

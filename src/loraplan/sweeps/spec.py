@@ -84,8 +84,8 @@ class TrainingSettings(_Strict):
                                   "pruned), so configs are compared each at its own best rate; fixed: every config "
                                   "at learning_rate (then, with alpha = r, a higher rank wins a short run by "
                                   "learning faster)")
-    lr_factors: list[float] = Field([1 / 3, 1.0, 3.0], min_length=1, description="per-config: the learning rates "
-                                                                                   "tried, as multiples of learning_rate")
+    lr_factors: list[float] = Field([1 / 3, 1.0, 3.0], min_length=1,
+                                    description="per-config: the learning rates tried, as multiples of learning_rate")
     lr_screen: float = Field(0.25, gt=0, lt=1, description="per-config: the share of max_steps after which each config "
                                                            "keeps its best learning rate")
     budget_steps: int | None = Field(None, gt=0, description="the sweep's optimizer steps in all (every config and "
