@@ -142,7 +142,7 @@ def test_checkpoint_folders_and_adapter_config(tmp_path, capsys):
 
 
 def write_trial(sweep, name, r, alpha, eval_loss, sem=0.004, targets="attention,mlp", rslora=False,
-                status="completed", train=None, evals=None, message=None):
+                status="completed", train=None, evals=None, message=None, config=None):
     folder = sweep / "trials" / name
     folder.mkdir(parents=True)
     train = train if train is not None else curve(lambda t: eval_loss - 0.1 + math.exp(-t / 30), range(1, 101),
@@ -167,7 +167,8 @@ def write_trial(sweep, name, r, alpha, eval_loss, sem=0.004, targets="attention,
             "use_rslora": rslora, "use_dora": False, "loraplus_lr_ratio": None, "trainable_params": 1000 * r,
             "eval_loss": eval_loss if status == "completed" else None, "eval_loss_sem": sem, "train_loss": None if eval_loss is None else eval_loss - 0.1,
             "steps": 100, "wall_s": 10.0, "tokens_per_s": 5000.0, "peak_memory_bytes": 1 << 30,
-            "started": "2026-11-22T12:00:00+00:00", "finished": "2026-11-22T12:01:00+00:00"}))
+            "started": "2026-11-22T12:00:00+00:00", "finished": "2026-11-22T12:01:00+00:00",
+            "learning_rate": 2e-4, "config": config}))
     return folder
 
 
@@ -181,12 +182,14 @@ def write_sweep(sweep, names, noise=0.006):
 
 
 def test_sweep_with_fixed_alpha_underfit_and_overfit_ranks(tmp_path, capsys):
+    """Each rank at its own best learning rate (a per-config sweep: `config` recorded): lower ranks
+    clearly worse is underfitting, and diagnose says to raise r."""
     sweep = tmp_path / "sweep"
     losses = {4: 1.60, 8: 1.50, 16: 1.42, 64: 1.48}
     names = [f"full_r{r}" for r in losses]
     write_sweep(sweep, names)
     for r, loss in losses.items():
-        write_trial(sweep, f"full_r{r}", r, 16, loss)
+        write_trial(sweep, f"full_r{r}", r, 16, loss, config=f"full_r{r}")
     result = diagnose(sweep)
     kinds = {(f.kind, f.rank) for f in result.findings}
     assert ("alpha_trap", None) in kinds
@@ -204,6 +207,23 @@ def test_sweep_with_fixed_alpha_underfit_and_overfit_ranks(tmp_path, capsys):
     code, out, _ = run_cli(["diagnose", str(sweep), "--json"], capsys)
     data = json.loads(out)
     assert data["kind"] == "sweep" and len(data["runs"]) == 4 and not data["healthy"]
+
+
+def test_lower_ranks_worse_at_one_learning_rate_is_no_reason_to_raise_r(tmp_path, capsys):
+    """All ranks at one learning rate (lr_policy fixed, alpha = r): a higher rank wins a short run by
+    learning faster, so the finding is a note that asks for a per-config sweep, never "raise r"."""
+    sweep = tmp_path / "sweep"
+    losses = {2: 1.60, 4: 1.50, 8: 1.42}
+    write_sweep(sweep, [f"mlp_r{r}" for r in losses])
+    for r, loss in losses.items():
+        write_trial(sweep, f"mlp_r{r}", r, r, loss)
+    result = diagnose(sweep)
+    assert "underfitting" not in {f.kind for f in result.findings}
+    note = next(f for f in result.findings if f.kind == "note")
+    assert note.rank is None and "lr 0.0002" in note.message and "lr_policy: per-config" in note.advice
+    code, out, err = run_cli(["diagnose", str(sweep)], capsys)
+    assert code == 0, err
+    assert "raise r" not in out and "per-config" in out
 
 
 def test_sweep_within_noise_with_alpha_equal_r_is_healthy(tmp_path):
@@ -270,3 +290,23 @@ def test_bad_runs_are_one_line_errors(tmp_path, capsys):
     (broken / "metrics.jsonl").write_text('{"kind": "train"\n{"kind": "train", "step": 1, "train_loss": 2.0}\n')
     code, out, err = run_cli(["diagnose", str(broken)], capsys)
     assert code == 0 and "note: broken/metrics.jsonl: 1 unreadable line skipped (line 1)" in out, err
+
+
+def test_a_lower_rank_that_a_cut_vouches_for_is_not_underfitting(tmp_path):
+    """Per-config sweep: mlp_r8 best, mlp_r4 and mlp_r2 clearly worse in their own runs, but mlp_r8's
+    ΔW cut to r=4 matches it: the advice is r ≥ 4 (r=2's cut is clearly worse), not r ≥ 8."""
+    sweep = tmp_path / "sweep"
+    names = ["mlp_r8", "mlp_r4", "mlp_r2"]
+    write_sweep(sweep, names)
+    base = [1.40, 1.45, 1.42, 1.38, 1.41, 1.44]
+    for name, r, shift in (("mlp_r8", 8, 0.0), ("mlp_r4", 4, 0.05), ("mlp_r2", 2, 0.12)):
+        folder = write_trial(sweep, name, r, r, sum(base) / 6 + shift, targets="mlp", config=name)
+        result = json.loads((folder / "result.json").read_text())
+        result["eval_batches"] = {"loss": [x + shift for x in base], "tokens": [100] * 6}
+        if r == 8:
+            result["certificates"] = {"4": [x + 0.001 * (-1) ** i for i, x in enumerate(base)],
+                                      "2": [x + 0.1 for x in base]}
+        (folder / "result.json").write_text(json.dumps(result))
+    under = [f for f in diagnose(sweep).findings if f.kind == "underfitting" and f.evidence.get("group")]
+    assert len(under) == 1 and under[0].advice == "use r ≥ 4 for targets mlp", [f.message for f in under]
+    assert [w["r"] for w in under[0].evidence["worse"]] == [2] and "cut to r=4" in under[0].message

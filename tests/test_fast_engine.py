@@ -153,7 +153,7 @@ def test_the_sweep_with_the_fast_engine_writes_adapters_peft_reloads(models, tmp
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     grid = {"targets": ["attention,mlp"], "r": [4], "alpha": ["r"], "dora": [False, True]}
     result = sweep(model, str(tmp_path / "train.jsonl"), out=tmp_path / "ledger", progress=False,
-                   overrides={"grid": grid, "training.engine": "fast", "training.max_steps": 4,
+                   overrides={"grid": grid, "training.engine": "fast", "training.lr_policy": "fixed", "training.max_steps": 4,
                               "training.batch_size": 4, "training.eval_every": 2, "training.learning_rate": 1e-2,
                               "data.max_length": 64})
     assert [r.engine for r in result.results] == ["fast", "fast"]

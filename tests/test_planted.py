@@ -56,10 +56,12 @@ def test_planted_bad_input(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_ranks_the_planted_configs_on_top(tmp_path):
     """The README's main command: on the default planted task (rank 4 in the MLP), every config that
-    covers the MLP at r >= 4 ranks above every config that does not, and the recommended one is such
-    a config."""
+    covers the MLP at r >= 4 ranks above every config that does not, and the recommended one is the
+    planted config, mlp at r = 4 (each config at its own best learning rate)."""
     result = run_demo(tmp_path / "demo", progress=False, echo=lambda *a: None)
     assert result.recovered, result.sweep.summary
+    rec = next(r for r in result.sweep.results if r.name == result.recommended)
+    assert (rec.config, rec.targets, rec.r) == ("mlp_r4", "mlp", 4), result.sweep.summary  # the planted config
     planted = set(result.task.modules)
     structure = load_structure(str(result.task.base))
     ranking = result.sweep.summary.ranking

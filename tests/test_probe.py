@@ -101,6 +101,9 @@ def test_probe_cli_and_sweep_from_probe(mlp_task, tmp_path, capsys, monkeypatch)
     listing = capsys.readouterr().out
     r = data["plan"]["r"]
     assert code == 0 and f"all-linear_r{r}" in listing and f"all-linear_r{2 * r}" in listing
+    # the probe cannot tell attention from the MLP, nor the rank: the grid keeps both sides
+    assert f"attention_r{r}" in listing and f"mlp_r{r}" in listing and f"mlp_r{max(1, r // 4)}" in listing
+    assert data["uncertain"] and any("attention" in b for b in data["blind_spots"])
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's own setting wins
     code = main(["probe", str(mlp_task.base), "--data", str(mlp_task.train), "--batches", "3"])
     assert code == 2 and "at least 4" in capsys.readouterr().err

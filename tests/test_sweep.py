@@ -17,7 +17,9 @@ from loraplan.cli import main
 from loraplan.sweeps.runner import sweep
 
 GRID = {"targets": ["q,v", "attention", "attention,mlp"], "r": [4], "alpha": ["r"]}
-FAST = {"training.max_steps": 6, "training.batch_size": 4, "training.eval_every": 3, "training.warmup_steps": 1,
+# the ledger's mechanics at one learning rate (the per-config policy has its own tests: test_fair.py)
+FAST = {"training.lr_policy": "fixed", "training.max_steps": 6, "training.batch_size": 4, "training.eval_every": 3,
+        "training.warmup_steps": 1,
         "training.learning_rate": 1e-2, "data.max_length": 64}
 
 
@@ -102,8 +104,8 @@ def test_sigkill_mid_trial_then_rerun_finishes_without_redoing(workspace):
     root, model = workspace
     out = root / "killed"
     args = ["sweep", model, "--data", str(root / "train.jsonl"), "--out", str(out), "--grid",
-            "targets=q,v;attention;mlp r=4", "--max-steps", "6", "--batch-size", "4", "--eval-every", "3",
-            "--max-length", "64", "--json"]
+            "targets=q,v;attention;mlp r=4", "--max-steps", "6", "--lr-policy", "fixed", "--batch-size", "4",
+            "--eval-every", "3", "--max-length", "64", "--json"]
     proc = subprocess.Popen([sys.executable, "-m", "loraplan.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "LORAPLAN_FAULT": "attention_r4:hang@4"})
     metrics = out / "trials" / "attention_r4" / "metrics.jsonl"
@@ -129,8 +131,8 @@ def test_nan_and_oom_are_recorded_and_the_sweep_goes_on(workspace):
     root, model = workspace
     out = root / "faults"
     done = run_cli("sweep", model, "--data", str(root / "train.jsonl"), "--out", str(out), "--grid",
-                   "targets=q,v;attention;mlp r=4", "--max-steps", "6", "--batch-size", "4", "--max-length", "64",
-                   env={"LORAPLAN_FAULT": "q+v_r4:nan@2,attention_r4:oom@3"})
+                   "targets=q,v;attention;mlp r=4", "--max-steps", "6", "--lr-policy", "fixed", "--batch-size", "4",
+                   "--max-length", "64", env={"LORAPLAN_FAULT": "q+v_r4:nan@2,attention_r4:oom@3"})
     assert done.returncode == 0, done.stderr
     results = {n: json.loads((out / "trials" / n / "result.json").read_text()) for n in ("q+v_r4", "attention_r4", "mlp_r4")}
     assert results["q+v_r4"]["status"] == "diverged" and "step 2" in results["q+v_r4"]["message"]

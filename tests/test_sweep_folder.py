@@ -307,7 +307,8 @@ def workspace(tmp_path_factory):
 def sweep_args(workspace, out: Path) -> list[str]:
     root, model = workspace
     return ["sweep", model, "--data", str(root / "train.jsonl"), "--out", str(out), "--grid", "targets=q;k;v r=2",
-            "--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--max-length", "48", "--json"]
+            "--max-steps", "4", "--lr-policy", "fixed", "--batch-size", "4", "--eval-every", "2", "--max-length", "48",
+            "--json"]
 
 
 def run_cli(argv, env=None, timeout=600):

@@ -11,7 +11,7 @@ from support.tiny import save_tiny_model
 from loraplan.cli import main
 from loraplan.sweeps.runner import sweep
 
-FAST = {"training.max_steps": 4, "training.batch_size": 4, "training.eval_every": 2, "training.warmup_steps": 1,
+FAST = {"training.lr_policy": "fixed", "training.max_steps": 4, "training.batch_size": 4, "training.eval_every": 2, "training.warmup_steps": 1,
         "training.learning_rate": 1e-2, "data.max_length": 64}
 
 

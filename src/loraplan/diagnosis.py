@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import UsageError
 from .plan.alpha import FIX, AlphaTrap, alpha_traps
 from .sweeps.folder import TrialResult, TrialStatus, read_sweep, read_trial
-from .sweeps.ranking import compare
+from .sweeps.ranking import certify, compare
 
 # -- thresholds ---------------------------------------------------------------------------------
 # Spikes: a step's loss against the median of the steps before it. Per-step losses of small
@@ -167,6 +167,8 @@ def diagnose(run: str | os.PathLike) -> Diagnosis:
         runs, kind = [read_trainer_state(checkpoints[-1])], "trainer_state"
     findings = []
     for r in runs:
+        if r.status == "pruned" and r.result is not None and r.result.config is not None:
+            continue  # a learning rate its config did not keep: the sweep's table says so
         findings.extend(run_findings(r, tagged=kind == "sweep"))
     if kind == "sweep":
         findings.extend(sweep_findings(runs))
@@ -531,6 +533,16 @@ def alpha_trap(runs: list[Run]) -> list[Finding]:
                     advice=f"set {FIX} and rerun the sweep") for t in traps]
 
 
+def one_learning_rate(runs: list[Run]) -> str | None:
+    """The rate, when these trials were all trained at one learning rate rather than each at its own
+    best (a per-config sweep records the config each rate belongs to): "lr 0.0002", or "an unrecorded
+    one" for results that do not say."""
+    if any(m.result is not None and m.result.config is not None for m in runs):
+        return None
+    rates = {m.result.learning_rate for m in runs if m.result is not None}
+    return f"lr {rates.pop():g}" if len(rates) == 1 and None not in rates else "an unrecorded one"
+
+
 def rank_series(runs: list[Run], trapped: set) -> list[Finding]:
     """Within trials that differ only in r: lower ranks clearly worse than the best → underfit;
     higher ranks clearly worse than the best → overfitting territory. "Clearly worse" is the sweep's
@@ -544,22 +556,36 @@ def rank_series(runs: list[Run], trapped: set) -> list[Finding]:
         caveat = " (confounded: alpha/r differs across these ranks)" if group in trapped else ""
         evidence = {"group": list(group), "best": best.name, "best_r": best.r, "best_eval_loss": best.result.eval_loss}
         noise = {m.name: compare(m.result, best.result) for m in done}
-        worse = [m for m in done if noise[m.name].worse]
+        # a lower rank that the best's ΔW, cut to it by SVD, matches holds the change: it learns slower
+        vouched = certify([m.result for m in done], best.result)
+        worse = [m for m in done if noise[m.name].worse and m.name not in vouched]
+        floor = min([best.r] + [m.r for m in done if m.name in vouched])
+        held = f" (r={floor} holds it: {vouched[next(m.name for m in done if m.r == floor)]})" if floor < best.r else ""
         sides = [
-            ([m for m in worse if m.r < best.r], "underfitting", "higher",
-             f"r={best.r} reaches eval loss {best.eval_loss:.4g}; lower ranks are clearly worse", "",
-             f"use r ≥ {best.r} for {_group_text(group)}"),
+            ([m for m in worse if m.r < floor], "underfitting", "higher",
+             f"r={best.r} reaches eval loss {best.eval_loss:.4g}{held}; lower ranks are clearly worse", "",
+             f"use r ≥ {floor} for {_group_text(group)}"),
             ([m for m in worse if m.r > best.r], "overfitting", "lower",
              f"higher ranks than r={best.r} ({best.eval_loss:.4g}) are clearly worse",
              f": past r={best.r} is overfitting territory", f"keep r ≤ {best.r} for {_group_text(group)}, or add data"),
         ]
+        one_rate = one_learning_rate(done)
         for side, kind, rank, said, tail, advice in sides:
             if not side:
                 continue
             rows = ", ".join(f"r={m.r} {m.eval_loss:.4g} (+{noise[m.name].delta:.3g}, noise "
                              f"±{noise[m.name].noise:.2g})" for m in sorted(side, key=lambda m: m.r))
-            out.append(Finding(
-                kind, "warning", f"{_group_text(group)}: {said}: {rows}{tail}{caveat}",
-                {**evidence, "worse": [{"name": m.name, "r": m.r, "eval_loss": m.eval_loss} for m in side]},
-                rank=rank, advice=advice))
+            worse_rows = {**evidence, "worse": [{"name": m.name, "r": m.r, "eval_loss": m.eval_loss} for m in side]}
+            if kind == "underfitting" and one_rate:
+                # at one learning rate a higher rank (alpha = r: bigger steps; any alpha: more random
+                # directions near the needed ones) wins a short run by learning faster, not by capacity
+                out.append(Finding(
+                    "note", "info", f"{_group_text(group)}: {said} at one learning rate ({one_rate}): {rows}; "
+                    "a higher rank learns faster at the same rate, so this does not show that lower ranks lack "
+                    f"capacity{caveat}", {**worse_rows, "learning_rate": one_rate},
+                    advice="rerun the sweep with training.lr_policy: per-config (each rank at its own best "
+                           "learning rate) before raising r"))
+                continue
+            out.append(Finding(kind, "warning", f"{_group_text(group)}: {said}: {rows}{tail}{caveat}", worse_rows,
+                               rank=rank, advice=advice))
     return out

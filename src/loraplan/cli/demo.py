@@ -31,14 +31,17 @@ def run(args) -> int:
                    "planted": result.task.to_json(), "sweep": sweep.to_json()})
     else:
         print()
-        print(table(RESULT_HEADERS, result_rows(sweep.results, sweep.summary), "llrrllrlllrrrl"))
+        print(table(RESULT_HEADERS, result_rows(sweep.results, sweep.summary), "llrrrllrlllrrrl"))
         print()
         task = result.task
         print(f"recommended: {sweep.summary.recommended} — {sweep.summary.reason}")
         print(f"4/4 check: planted rank {task.spec.rank} in {', '.join(task.roles)}; the recommended config "
               f"{'covers' if result.found_modules else 'MISSES'} those modules at "
-              f"{'a sufficient' if result.found_rank else 'too low a'} rank "
+              f"r={result.recommended_r}, {'within' if result.found_rank else 'OUTSIDE'} [k, 2k] = "
+              f"[{task.spec.rank}, {2 * task.spec.rank}] "
               f"({'recovered' if result.recovered else 'NOT recovered'}); teacher's loss {task.ideal_eval_loss:.4f}")
+        if sweep.summary.settle_note:
+            print(f"{'settled' if sweep.summary.settled else 'not settled'}: {sweep.summary.settle_note}")
         print(f"next: open {sweep.out}/report.html · loraplan analyze {sweep.out}/trials/"
               f"{sweep.summary.recommended}/adapter · loraplan diagnose {sweep.out}")
     if not result.recovered:

@@ -4,8 +4,9 @@ gradient energy (importance, comparable across modules) and the rank holding 90%
 importance per role and layer and a plan; `loraplan sweep --from-probe probe.json` checks it.
 
 The gradient at the base model sees the first steps of training, not where training ends: on planted
-tasks it finds changes planted in the MLP and their rank, but it credits the MLP for changes planted
-in attention (benchmarks/probe/RESULTS.md). Treat it as a first look and let the sweep decide.
+tasks it credits the MLP for changes planted in attention, and its rank estimate barely follows the
+planted rank (benchmarks/probe/RESULTS.md, issue 24). It prints these blind spots, and
+`sweep --from-probe` keeps both sides (attention and mlp, r/4 … 2r). A first look; the sweep decides.
 
 examples:
   loraplan probe ./my-model --data train.jsonl
@@ -67,5 +68,10 @@ def run(args) -> int:
             print(f"  {reason.choice:10s} {reason.text}")
     for note in result.notes:
         print(f"note: {note}")
+    from ..probing.result import BLIND_SPOTS
+
+    print("what the probe cannot tell (the sweep must):")
+    for spot in BLIND_SPOTS:
+        print(f"  - {spot}")
     print("check it: loraplan sweep MODEL --data FILE --from-probe PROBE.json --out DIR")
     return 0

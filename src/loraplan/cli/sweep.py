@@ -24,7 +24,7 @@ SPEC_FLAGS = {
     "--batch-size": "training.batch_size", "--micro-batch-size": "training.micro_batch_size",
     "--lr": "training.learning_rate", "--eval-every": "training.eval_every", "--seed": "training.seed",
     "--grad-ckpt": "training.grad_ckpt", "--quant": "training.quantization", "--engine": "training.engine",
-    "--halving": "halving.enabled",
+    "--halving": "halving.enabled", "--budget": "training.budget_steps", "--lr-policy": "training.lr_policy",
     "--executor": "executor.kind", "--gpus": "executor.gpus", "--ray-address": "executor.ray_address",
     "--gpus-per-trial": "executor.gpus_per_trial", "--workers": "executor.workers",
     "--trust-remote-code": "trust_remote_code",
@@ -83,16 +83,18 @@ def run(args) -> int:
                      "target_modules"], rows, "llrrllrrll"))
         for line in placement_lines(result.preview):
             print(line)
-        print(f"{len(rows)} trials; nothing trained (--dry-run)")
+        print(f"{result.schedule}; nothing trained (--dry-run)")
         return 0
     print()
     for line in result.data or []:
         print(f"data: {line}")
-    print(table(RESULT_HEADERS, result_rows(result.results, result.summary), "llrrllrlllrrrl"))
+    print(table(RESULT_HEADERS, result_rows(result.results, result.summary), "llrrrllrlllrrrl"))
     print()
     s = result.summary
     if s.recommended:
         print(f"recommended: {s.recommended} — {s.reason}")
+        if s.settle_note:
+            print(f"{'settled' if s.settled else 'NOT SETTLED'}: {s.settle_note}")
     else:
         print(f"no recommendation: {s.reason}")
     print(f"ledger: {result.out}/ (summary.md, results.csv, trials/*/adapter)")

@@ -61,6 +61,7 @@ class TrialState:
     peak_memory: int | None = None
     rng: object = None
     parked: dict | None = None  # while its adapter is off the model: weights, optimizer and schedule state
+    certificates: dict[str, list[float]] | None = None  # rank -> per-batch eval losses of the cut adapter
 
     @property
     def name(self) -> str:
@@ -160,7 +161,7 @@ class PeftEngine:
 
         plan: LoraPlan = trial.plan
         kwargs = plan.to_peft_kwargs(self.structure)
-        writer.start(TrialPlan(trial.name, plan.to_dict(), kwargs, training))
+        writer.start(TrialPlan(trial.name, plan.to_dict(), kwargs, {**training, "learning_rate": self._lr(trial)}))
         state = TrialState(trial=trial, writer=writer, peft_config=kwargs)
         seed = self.settings.seed
         torch.manual_seed(seed)
@@ -170,7 +171,7 @@ class PeftEngine:
             state.status, state.message = TrialStatus.FAILED, f"PEFT could not build the adapter: {e}"
             return state
         self.live[state.name] = state
-        state.optimizer = self._optimizer(plan, state.params)
+        state.optimizer = self._optimizer(trial, state.params)
         state.scheduler = self._scheduler(state.optimizer)
         torch.manual_seed(seed + 1)  # dropout: the same stream for every trial
         state.rng = torch.get_rng_state()
@@ -254,23 +255,27 @@ class PeftEngine:
         set_peft_model_state_dict(self.peft_model, parked["weights"], adapter_name=state.name)
         if [tuple(p.shape) for p in state.params] != parked["shapes"]:
             raise RuntimeError(f"trial {state.name}: its adapter came back with other parameters")
-        state.optimizer = self._optimizer(state.trial.plan, state.params)
+        state.optimizer = self._optimizer(state.trial, state.params)
         state.scheduler = self._scheduler(state.optimizer)
         if parked["optimizer"] is not None:
             state.optimizer.load_state_dict(parked["optimizer"])
             state.scheduler.load_state_dict(parked["scheduler"])
 
-    def _optimizer(self, plan: LoraPlan, params):
+    def _lr(self, trial: Trial) -> float:
+        """The trial's own learning rate (a per-config sweep tries several), else the sweep's."""
+        return trial.learning_rate or self.settings.learning_rate
+
+    def _optimizer(self, trial: Trial, params):
         import torch
 
-        s = self.settings
+        s, plan, lr = self.settings, trial.plan, self._lr(trial)
         fused = {"fused": True} if self.device.type == "cuda" and not s.quantization else {}
         if plan.loraplus_lr_ratio:
             from peft.optimizers import create_loraplus_optimizer
 
-            return create_loraplus_optimizer(model=self.peft_model, optimizer_cls=torch.optim.AdamW, lr=s.learning_rate,
+            return create_loraplus_optimizer(model=self.peft_model, optimizer_cls=torch.optim.AdamW, lr=lr,
                                              loraplus_lr_ratio=plan.loraplus_lr_ratio, weight_decay=s.weight_decay, **fused)
-        return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay, **fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay, **fused)
 
     def _scheduler(self, optimizer):
         from transformers import (
@@ -380,6 +385,20 @@ class PeftEngine:
                 counts.append(n)
         return losses, counts
 
+    def evaluate_cut(self, state: TrialState, eval_set: list[MicroBatch], rank: int) -> list[float] | None:
+        """The per-batch eval losses of the trial's adapter with each ΔW cut to its `rank` largest
+        singular directions (fair.derived); the trained weights are restored after."""
+        from .fair import derived
+
+        if state.status is not None or state.trial.plan.use_dora:
+            return None
+        if state.parked is not None:
+            self._unpark(state)
+        self.peft_model.set_adapter(state.name)
+        with derived(self.peft_model, state.name, rank=rank):
+            losses, _ = self._eval_losses(eval_set)
+        return losses
+
     def _release(self, state: TrialState) -> None:
         import torch
 
@@ -423,7 +442,8 @@ class PeftEngine:
             tokens_per_s=round(state.tokens / state.train_seconds, 1) if state.train_seconds else None,
             peak_memory_bytes=state.peak_memory, adapter="adapter" if saved else None,
             eval_batches=state.last_eval_batches if ev else None, started=state.started_at,
-            engine="peft")
+            engine="peft", learning_rate=self._lr(state.trial), config=state.trial.config,
+            certificates=state.certificates)
 
 
 def record_train_loss(state: TrialState, total: float, lr: float) -> None:

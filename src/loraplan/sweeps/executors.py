@@ -56,6 +56,9 @@ class Work:
     eval_set: list[MicroBatch]
     trust_remote_code: bool = False
     random_init: bool = False
+    # a rank family's top-rank config (by config name) -> the lower ranks its ΔW is cut to when it
+    # finishes (sweeps/fair.py certificate_ranks)
+    cuts: dict[str, list[int]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=lambda: _passed_env())  # set in every worker
 
 
@@ -115,6 +118,8 @@ class TrialWorker:
             state = self.states[trial.name] = self.engine.start(trial, writer, w.training)
         self.engine.advance([state], w.steps, until, w.eval_set, w.settings.eval_every, progress)
         result = None
+        if final and state.status is None:
+            self._certify(state)
         if final or state.status is not None:
             result = self.engine.finish(self.states.pop(trial.name))
         ev = state.last_eval
@@ -122,6 +127,13 @@ class TrialWorker:
 
     def stop(self, name: str, status: TrialStatus, message: str) -> TrialResult:
         return self.engine.finish(self.states.pop(name), status, message)
+
+    def _certify(self, state) -> None:
+        """A family's lead, trained: its ΔW cut by SVD to each lower rank, on the same eval batches."""
+        ranks = self.work.cuts.get(state.trial.config or state.name)
+        if ranks and hasattr(self.engine, "evaluate_cut"):
+            cut = {str(r): self.engine.evaluate_cut(state, self.work.eval_set, r) for r in ranks}
+            state.certificates = {r: losses for r, losses in cut.items() if losses is not None} or None
 
     def close(self) -> None:
         self.engine.close()

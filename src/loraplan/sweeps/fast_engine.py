@@ -475,6 +475,13 @@ class FastEngine(PeftEngine):
             self.base.train()
         return result
 
+    def evaluate_cut(self, state: TrialState, eval_set: list[MicroBatch], rank: int) -> list[float] | None:
+        ft = self._fast.get(state.name)
+        if ft is not None:
+            self._flush(state, ft)  # the accumulated step first; the cut reads the adapter's own weights
+            self._activate(state.name)
+        return super().evaluate_cut(state, eval_set, rank)
+
     def _eval_losses(self, eval_set: list[MicroBatch]) -> tuple[list[float], list[int]]:
         if self._active is None:
             return super()._eval_losses(eval_set)

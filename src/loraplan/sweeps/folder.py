@@ -191,6 +191,11 @@ class TrialResult:
     adapter: str | None = None  # the adapter folder, relative to the trial's folder
     engine: str | None = None  # which engine trained it: fast or peft (sweeps/fast_engine.py)
     placement: str | None = None  # where it ran: host/device and worker (sweeps/executors.py)
+    learning_rate: float | None = None  # the peak rate it trained at (None: an older result.json)
+    config: str | None = None  # the config it trained at one of several learning rates (None: itself)
+    # its ΔW cut by SVD to each lower rank of its family (configs that differ only in r): rank -> the
+    # per-batch eval losses on the same batches as eval_batches (sweeps/fair.py, "certificates")
+    certificates: dict[str, list[float]] | None = None
     eval_batches: EvalBatches | None = None
     started: str | None = None
     finished: str | None = None
@@ -264,6 +269,10 @@ class Summary:
     failed: dict[str, str] = field(default_factory=dict)
     trials: dict[str, Comparison] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    lr_policy: str | None = None  # per-config or fixed (None: an older summary.json)
+    settled: bool | None = None  # whether the best and the recommended trials' eval curves had flattened
+    settle_note: str | None = None  # why (not), and how many steps would settle it
+    certified: dict[str, str] = field(default_factory=dict)  # config -> why a cut adapter vouches for it
 
     def to_json(self) -> dict:
         out = _fields_json(self)

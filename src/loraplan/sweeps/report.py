@@ -167,10 +167,19 @@ def _header(sweep: Sweep, training: str | None) -> dict:
 
 def _common_training(sweep: Sweep) -> str | None:
     """The training settings when every trial shares them (the usual case), in one line."""
-    settings = [json.dumps(t.plan.training, sort_keys=True) for t in sweep.trials if t.plan]
+    per_config = sweep.spec.get("training", {}).get("lr_policy", "fixed") != "fixed"
+    settings = [json.dumps({k: v for k, v in t.plan.training.items() if not (per_config and k == "learning_rate")}
+                           if isinstance(t.plan.training, dict) else t.plan.training, sort_keys=True)
+                for t in sweep.trials if t.plan]
     if not settings or len(set(settings)) != 1 or settings[0] == "null":
         return None
-    return _training_text(json.loads(settings[0]))
+    training = json.loads(settings[0])
+    if per_config:
+        from .fair import lr_policy_text
+
+        return _training_text({k: v for k, v in training.items() if not k.startswith("lr_")}) + "; " + \
+            lr_policy_text(sweep.spec.get("training", {}))
+    return _training_text(training)
 
 
 def _training_text(t: dict) -> str:
@@ -192,6 +201,8 @@ def _recommendation(sweep: Sweep, summary: Summary, source: str) -> dict:
             "best": ({"name": best.name, "loss": _loss_pm(best), "params": _count(best.trainable_params)}
                      if best is not None and best is not rec else None),
             "reason": summary.reason or "",
+            "settle": (("Settled: " if summary.settled else "Not settled: ") + summary.settle_note
+                       if summary.settle_note else None),
             "noise": f"{summary.noise:.4g}" if finite(summary.noise) else None,
             "how": summary.noise_method or f"from {source}",
             "peft_code": peft_code(peft) if peft else None}
@@ -338,6 +349,8 @@ def _settings_text(t: TrialResult) -> str:
         bits.append(f"r={t.r}")
     if finite(t.lora_alpha):
         bits.append(f"α={t.lora_alpha:g}")
+    if finite(t.learning_rate):
+        bits.append(f"lr={t.learning_rate:g}")
     variant = _variant(t)
     if variant:
         bits.append(variant)

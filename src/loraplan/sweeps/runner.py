@@ -20,6 +20,7 @@ from ..errors import UsageError
 from ..files import read_json
 from ..plan.count import count_plan, human_bytes, human_count
 from .executors import Placement, Work, make_executor, place
+from .fair import certificate_ranks, cost_per_config, lr_arms, lr_policy_text, rate_edge_warnings, run_schedule, with_budget
 from .folder import (
     LEDGER_FORMAT,
     Summary,
@@ -45,6 +46,7 @@ class SweepResult:
     dry_run: bool = False
     preview: list[dict] | None = None
     data: list[str] | None = None  # one line per split: examples, tokens, truncated, dropped
+    schedule: str | None = None  # the learning-rate policy and the steps it costs, in words
 
     def to_json(self) -> dict:
         return {"out": str(self.out), "summary": self.summary.to_json() if self.summary else {},
@@ -139,15 +141,20 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
         raise UsageError("no model given", "loraplan sweep MODEL --data FILE")
     if not spec.data.train:
         raise UsageError("no training data given", "--data FILE (JSONL, JSON, CSV, parquet or a Hub dataset)")
-    trials = expand(spec)
-    warnings = alpha_warnings(trials)
-    structure, preview = preflight(spec, spec.model, trials)
+    configs = expand(spec)
+    warnings = alpha_warnings(configs)
+    structure, preview = preflight(spec, spec.model, configs)
+    spec = with_budget(spec, len(configs))
+    trials = lr_arms(configs, spec.training)  # each config once per learning rate of the policy
+    t = spec.training
+    schedule = (f"{len(configs)} configs × {t.max_steps} steps; {lr_policy_text(t.model_dump())}: about "
+                f"{round(len(configs) * t.max_steps * cost_per_config(t)):,} optimizer steps in all")
     placement = place(spec.executor, len(trials))
     out = Path(out)
     if dry_run:
         for row, where in zip(preview, placement.plan(preview), strict=True):
             row.update(where)
-        return SweepResult(out, trials, [], None, warnings, dry_run=True, preview=preview)
+        return SweepResult(out, trials, [], None, warnings, dry_run=True, preview=preview, schedule=schedule)
     with SweepFolder(out) as ledger:
         if out.exists():
             ledger.lock()  # a folder another sweep is using is refused before the data loads
@@ -195,7 +202,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     if pending:
         model = str(Path(spec.model).resolve()) if Path(spec.model).exists() else spec.model
         work = Work(model, t, t.model_dump(mode="json"), tokenizer.pad_token_id, steps, eval_set,
-                    spec.trust_remote_code, random_init)
+                    spec.trust_remote_code, random_init, cuts=certificate_ranks(trials))
         executor = make_executor(placement, work, bars)
         jobs = [(trial, ledger.trial(trial.name)) for trial in pending]
         try:
@@ -203,10 +210,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
             header["environment"].update(_devices(executor.workers))
             ledger.update_header(environment=header["environment"],
                                  executor={"kind": executor.kind, "workers": [w["placement"] for w in executor.workers]})
-            if spec.halving.enabled and len(pending) > 1:
-                _successive_halving(executor, jobs, spec)
-            else:
-                executor.advance(jobs, t.max_steps, final=True)
+            run_schedule(executor, jobs, spec)
         finally:
             executor.close()
             bars.close()
@@ -214,8 +218,8 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     folder = ledger.read()
     names = {t.name for t in trials}
     results = [r for r in folder.trials if r.name in names]
-    summary = summarize(results)
-    summary.warnings = warnings
+    summary = summarize(results, lr_policy=t.lr_policy)
+    summary.warnings = warnings + rate_edge_warnings(results, t)
     write_outputs(ledger, folder, results, summary)
     return SweepResult(ledger.root, trials, results, summary, warnings,
                        data=[splits.train_summary.describe(), f"eval ({splits.eval_source}): "
@@ -233,11 +237,16 @@ def _read_probe(path: str | Path) -> dict:
 
 
 def grid_from_probe(data: dict) -> dict:
-    """The probe's plan, half and twice its rank, next to every linear layer at the same ranks."""
+    """The probe's plan with both sides of what it cannot tell (its `uncertain` list; a probe.json
+    without one is the same method): attention and the MLP each, next to the plan's own targets and
+    every linear layer, at a quarter, half, once and twice its rank."""
     plan = data["plan"]
     r = int(plan["r"])
-    return {"targets": list(dict.fromkeys([plan["targets"], "all-linear"])),
-            "r": sorted({max(1, r // 2), r, 2 * r}), "alpha": ["r"]}
+    uncertain = data.get("uncertain", ["targets: attention or mlp", "rank"])
+    both = ["attention", "mlp"] if any(u.startswith("targets") for u in uncertain) else []
+    ranks = {max(1, r // 4), max(1, r // 2)} if "rank" in uncertain else {max(1, r // 2)}
+    return {"targets": list(dict.fromkeys([plan["targets"], *both, "all-linear"])),
+            "r": sorted(ranks | {r, 2 * r}), "alpha": ["r"]}
 
 
 def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
@@ -256,30 +265,6 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
                       **{k: v for k, v in fields.items() if k in TRIAL_FIELDS and v is not None})
     base = list(spec.trials or []) or ([] if spec.grid is not None else seed_grid())
     return spec.model_copy(update={"trials": base + [trial]})
-
-
-def _successive_halving(executor, jobs, spec) -> None:
-    """Successive halving (Jamieson & Talwalkar 2016): every live trial trains to the next rung (a
-    barrier, on however many workers); the best 1/eta go on, the rest stop as `pruned` with their
-    adapter and curves kept. A trial that fails is finished where it failed."""
-    t, h = spec.training, spec.halving
-    rungs = sorted({max(1, math.ceil(t.max_steps / h.eta ** k)) for k in range(h.rungs)})
-    for i, rung in enumerate(rungs):
-        last = rung == rungs[-1]
-        reports = executor.advance(jobs, rung, final=last, label=f"rung {i + 1}/{len(rungs)}: step {rung}")
-        if last:
-            break
-        live = sorted((r for r in reports if r.result is None), key=_last_eval_loss)
-        keep = max(1, math.ceil(len(live) / h.eta))
-        for r in live[keep:]:
-            executor.stop(r.name, TrialStatus.PRUNED, f"stopped at step {r.step} by successive halving (eval loss "
-                                                      f"{_last_eval_loss(r):.4f}, not in the best {keep} of {len(live)})")
-        going = {r.name for r in live[:keep]}
-        jobs = [job for job in jobs if job[0].name in going]
-
-
-def _last_eval_loss(report) -> float:
-    return report.eval_loss if report.eval_loss is not None else math.inf
 
 
 def _devices(workers: list[dict]) -> dict:
@@ -309,10 +294,12 @@ def result_rows(results: list[TrialResult], summary: Summary) -> list[list[str]]
         info = summary.trials.get(r.name)
         mark = "◀ recommended" if r.name == summary.recommended else ("best" if r.name == summary.best else "")
         delta = "" if not info else ("0" if r.name == summary.best else
-                                     f"+{info.delta:.4f}" + ("" if info.within_noise else " *"))
+                                     f"+{info.delta:.4f}" + ("" if info.within_noise else
+                                                             " (cut ✓)" if r.name in summary.certified else " *"))
         loss = (f"{_fmt(r.eval_loss)} ± {_fmt(r.eval_loss_sem)}" if r.status is TrialStatus.COMPLETED
                 else r.status.value)
         rows.append([r.name, r.targets, r.r, f"{r.lora_alpha:g}" if r.lora_alpha is not None else "—",
+                     f"{r.learning_rate:g}" if r.learning_rate else "—",
                      "✓" if r.use_rslora else "", "✓" if r.use_dora else "",
                      human_count(r.trainable_params) if r.trainable_params else "—",
                      loss, delta, _fmt(r.train_loss), _fmt(r.wall_s, ".1f"), _fmt(r.tokens_per_s, ",.0f"),
@@ -320,7 +307,7 @@ def result_rows(results: list[TrialResult], summary: Summary) -> list[list[str]]
     return rows
 
 
-RESULT_HEADERS = ["trial", "targets", "r", "alpha", "rsLoRA", "DoRA", "params", "eval loss ± sem", "Δ best",
+RESULT_HEADERS = ["trial", "targets", "r", "alpha", "lr", "rsLoRA", "DoRA", "params", "eval loss ± sem", "Δ best",
                   "train loss", "time s", "tok/s", "peak mem", ""]
 
 
@@ -333,7 +320,7 @@ def summary_markdown(sweep: Sweep, results: list[TrialResult], summary: Summary)
                  f"peft {env.get('peft')}.")
     training = sweep.spec.get("training", {})
     lines.append(f"Training per trial: {training.get('max_steps')} steps × batch {training.get('batch_size')}, "
-                 f"lr {training.get('learning_rate')}, {training.get('scheduler')} schedule, seed {training.get('seed')}.")
+                 f"{training.get('scheduler')} schedule, seed {training.get('seed')}; {lr_policy_text(training)}.")
     if ran_on(results):
         lines.append(f"Ran on: {ran_on(results)}.")
     lines += ["", "| " + " | ".join(RESULT_HEADERS) + " |", "|" + "---|" * len(RESULT_HEADERS)]
@@ -343,7 +330,12 @@ def summary_markdown(sweep: Sweep, results: list[TrialResult], summary: Summary)
     if summary.recommended:
         lines.append(f"**Recommended: {summary.recommended}** — {summary.reason}.")
         lines.append("")
-        lines.append(f"Noise: {summary.noise_method}. `*` marks a trial outside the noise of the best.")
+        lines.append(f"Noise: {summary.noise_method}. `*` marks a trial outside the noise of the best; `(cut ✓)` "
+                     "one whose rank a larger trial's ΔW, cut to it by SVD, shows to be enough.")
+        for name, why in summary.certified.items():
+            lines.append(f"- {name}: {why}")
+        if summary.settle_note:
+            lines += ["", f"{'Settled' if summary.settled else 'Not settled'}: {summary.settle_note}."]
     else:
         lines.append(f"No recommendation: {summary.reason}.")
     messages = {r.name: r.message for r in results}

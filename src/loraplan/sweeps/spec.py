@@ -78,9 +78,29 @@ class TrainingSettings(_Strict):
     quantization: Literal["4bit", "8bit"] | None = Field(None, description="a quantized base, 4bit for QLoRA "
                                                                            "(bitsandbytes, CUDA); null: none")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm; null: no clipping")
+    lr_policy: Literal["per-config", "fixed"] = Field(
+        "per-config", description="per-config: each config is trained at learning_rate × each of lr_factors up to "
+                                  "lr_screen of its steps, keeps its best rate and goes on (the other rates stop as "
+                                  "pruned), so configs are compared each at its own best rate; fixed: every config "
+                                  "at learning_rate (then, with alpha = r, a higher rank wins a short run by "
+                                  "learning faster)")
+    lr_factors: list[float] = Field([1 / 3, 1.0, 3.0], min_length=1,
+                                    description="per-config: the learning rates tried, as multiples of learning_rate")
+    lr_screen: float = Field(0.25, gt=0, lt=1, description="per-config: the share of max_steps after which each config "
+                                                           "keeps its best learning rate")
+    budget_steps: int | None = Field(None, gt=0, description="the sweep's optimizer steps in all (every config and "
+                                                             "learning rate); when set, max_steps is derived from it")
     engine: Literal["auto", "fast", "peft"] = Field(
         "auto", description="fast: loraplan's engine (bf16 adapter path, CUDA graphs); peft: transformers + PEFT "
                             "as they are; auto: fast on a CUDA GPU. Trials fast cannot run go to PEFT, and say so")
+
+
+    @field_validator("lr_factors")
+    @classmethod
+    def _positive_factors(cls, value):
+        if any(f <= 0 for f in value):
+            raise ValueError("every learning-rate factor must be > 0")
+        return sorted(set(value))
 
 
 class DataSettings(_Strict):
@@ -203,6 +223,8 @@ class Trial(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
     name: str
     plan: LoraPlan
+    learning_rate: float | None = None  # None: training.learning_rate
+    config: str | None = None  # the config this trial trains at one learning rate (None: itself)
 
 
 def seed_grid() -> list[TrialSpec]:
