@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
-from ..files import read_json
+from ..files import check_output, read_json, safe_name
 from ..plan.count import count_plan, human_bytes, human_count
 from .fast_engine import make_engine
 from .folder import (
@@ -140,8 +140,8 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
         raise UsageError("no training data given", "--data FILE (JSONL, JSON, CSV, parquet or a Hub dataset)")
     trials = expand(spec)
     warnings = alpha_warnings(trials)
+    out = Path(out) if dry_run else check_output(out)
     structure, preview = preflight(spec, spec.model, trials)
-    out = Path(out)
     if dry_run:
         return SweepResult(out, trials, [], None, warnings, dry_run=True, preview=preview)
     with SweepFolder(out) as ledger:
@@ -187,7 +187,6 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     steps = training_steps(splits.train, t.max_steps, t.batch_size, t.micro_batch_size, t.seed)
     eval_examples = splits.eval[: t.max_eval_examples] if t.max_eval_examples else splits.eval
     eval_set = eval_batches(eval_examples, t.micro_batch_size or t.batch_size)
-    bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
     if pending:
         engine = make_engine(t.engine, spec.model, t, trust_remote_code=spec.trust_remote_code, random_init=random_init)
         engine.load(tokenizer.pad_token_id)
@@ -195,6 +194,7 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
         header["environment"]["dtype"] = engine.dtype_name
         ledger.update_header(environment=header["environment"])
         training = t.model_dump(mode="json")
+        bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)  # after the load: its error is one line
         try:
             if spec.halving.enabled and len(pending) > 1:
                 _successive_halving(engine, pending, ledger, steps, eval_set, spec, training, bars)
@@ -249,7 +249,7 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
     if unsupported:
         raise UsageError(f"{path}: the sweep does not vary {', '.join(unsupported)}",
                          "remove them from the file, or count/train that config outside the sweep")
-    trial = TrialSpec(name=f"from_{Path(path).stem}",
+    trial = TrialSpec(name=safe_name(f"from_{Path(path).stem}"),
                       **{k: v for k, v in fields.items() if k in TRIAL_FIELDS and v is not None})
     base = list(spec.trials or []) or ([] if spec.grid is not None else seed_grid())
     return spec.model_copy(update={"trials": base + [trial]})
