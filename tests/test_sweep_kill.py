@@ -84,3 +84,25 @@ def test_sigkill_at_random_moments_loses_and_reruns_nothing(tmp_path):
     assert sorted(summary["ranking"]) == sorted(t.name for t in sweep.trials)
     print("kills (files awaited, extra seconds, exit code):", kills)
     assert any(code == -signal.SIGKILL for *_, code in kills), f"no run was killed: {kills}"
+
+
+@pytest.mark.slow
+def test_a_cut_result_is_damaged_and_the_rerun_runs_it_again(tmp_path):
+    """A result.json cut short (or holding a wrong type) is `damaged`, never "not started" nor
+    completed, and the same command runs that trial again while the others stay as they were."""
+    from loraplan.sweeps.runner import sweep
+
+    model = save_tiny_model(tmp_path / "model", "llama")
+    rows = [json.dumps({"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}."}) for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "sweep"
+    overrides = {"grid": {"targets": ["q,v", "mlp"], "r": [2]}, "training.max_steps": 2, "training.eval_every": 2,
+                 "training.batch_size": 2, "training.engine": "peft", "data.max_length": 32}
+    sweep(model, str(tmp_path / "train.jsonl"), out=out, overrides=overrides, progress=False)
+    cut, wrong = (out / "trials" / n / "result.json" for n in ("q+v_r2", "mlp_r2"))
+    cut.write_bytes(cut.read_bytes()[:50])
+    wrong.write_text(json.dumps({**json.loads(wrong.read_text()), "eval_loss": "low"}))
+    assert [t.status for t in read_sweep(out).trials] == [TrialStatus.DAMAGED] * 2
+    result = sweep(model, str(tmp_path / "train.jsonl"), out=out, overrides=overrides, progress=False)
+    assert [r.status for r in result.results] == [TrialStatus.COMPLETED] * 2
+    assert isinstance(json.loads(wrong.read_text())["eval_loss"], float)

@@ -150,8 +150,12 @@ def prepare_output(out: str | os.PathLike, marker: str, overwrite: bool, inputs:
 def staging_folder(folder: Path) -> Path:
     """A temporary folder next to `folder` (same file system, so `publish` only renames)."""
     parent = folder.expanduser().resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
+    except OSError as e:  # name the folder the user gave, not the temporary one
+        e.filename = str(folder)
+        raise
 
 
 def publish(staging: Path, folder: Path) -> list[str]:
