@@ -419,9 +419,9 @@ def test_names_from_every_entry_follow_one_rule(tmp_path):
 
 
 def test_an_unreachable_hub_is_seen_in_the_timeout(monkeypatch):
-    from loraplan import hub
-
     import socket
+
+    from loraplan import hub
 
     t0 = time.monotonic()
     assert not hub.reachable("huggingface.invalid", 443, timeout=0.5)  # .invalid never resolves (RFC 6761)
