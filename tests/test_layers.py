@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loraplan"
 
 # Bottom to top. A module may import its own layer's modules (without a cycle) and any layer below.
 LAYERS = [
-    ("errors", "files"),  # one-line errors; writing files atomically
+    ("errors", "files", "hub"),  # one-line errors; writing files atomically; Hub look-ups offline
     ("data",),            # rows, formats, tokenization, batches
     ("autograd",),        # memory-lean loss and saved tensors (torch only)
     ("model",),           # built-in shapes, loading, structure, roles, targets, inspect

@@ -200,13 +200,14 @@ def read_trainer_state(path: Path) -> Run:
     if not isinstance(history, list):
         raise UsageError(f"{path} has no 'log_history' list", "give the trainer_state.json a Trainer saved")
     train, evals = [], []
-    for entry in history:
+    for i, entry in enumerate(history):
         if not isinstance(entry, dict) or "step" not in entry:
             continue
+        step = _logged(entry, "step", int, path, i)
         if "loss" in entry:
-            train.append((int(entry["step"]), _float(entry["loss"])))
+            train.append((step, _logged(entry, "loss", float, path, i)))
         if "eval_loss" in entry:
-            evals.append((int(entry["step"]), _float(entry["eval_loss"]), None))
+            evals.append((step, _logged(entry, "eval_loss", float, path, i), None))
     if not train and not evals:
         raise UsageError(f"{path} logs no losses yet", "set logging_steps (and eval_strategy) and let it train")
     run = Run(path.parent.name if path.name == "trainer_state.json" else path.stem, train, evals)
@@ -222,17 +223,25 @@ def read_trainer_state(path: Path) -> Run:
 def _one_trial(folder: Path, notes: list[str]) -> Run:
     """One trial folder of a sweep, read as the sweep reads it."""
     trial = read_trial(folder, notes=notes)
+    if trial.status is TrialStatus.DAMAGED:
+        raise UsageError(f"{folder} is damaged: {trial.message.split('; ')[0]}",
+                         "rerun the sweep to run it again, or diagnose the sweep folder (it notes damaged trials)")
     if not trial.metrics and not trial.status.finished:
-        what = "is damaged: " + trial.message if trial.status is TrialStatus.DAMAGED else "has no metrics yet"
-        raise UsageError(f"{folder} {what}", "the trial has not logged a step; run the sweep")
+        raise UsageError(f"{folder} has no metrics yet", "the trial has not logged a step; run the sweep")
     return Run.from_trial(trial)
 
 
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+def _logged(entry: dict, key: str, kind: type, path: Path, index: int):
+    """A number of a log_history entry, as the Trainer writes it: an integer step; a loss that is a
+    number (NaN and Infinity included, which Python's json reads as floats). Anything else is an
+    error: a loss of "high" is not NaN, and reading it as NaN would report an instability."""
+    value = entry[key]
+    ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+    if not ok or isinstance(value, bool):
+        raise UsageError(f"{path}: log_history[{index}].{key} is {json.dumps(value)[:40]}, not "
+                         f"{'an integer' if kind is int else 'a number'}",
+                         "is this a trainer_state.json the Trainer wrote? fix or remove that entry")
+    return kind(value)
 
 
 # -- one curve ----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Errors that reach the user as one line.
 
 `UsageError` is bad input (exit 2): the CLI prints `error: <message> (hint: <hint>)` and no
-traceback. `RunError` is a failure at run time (exit 1). Anything else is a bug and keeps its
-traceback. `LORAPLAN_DEBUG=1` shows the traceback for all of them.
+traceback. `RunError` is a failure at run time (exit 1). The CLI's boundary (`cli.as_loraplan_error`)
+maps the other exceptions: a library's failure on a user's file or output path is a UsageError,
+anything else a one-line RunError. `LORAPLAN_DEBUG=1` shows the traceback for all of them.
 """
 
 from __future__ import annotations

@@ -2,16 +2,22 @@
 
 Exit codes: 0 success, 2 bad input (one `error: …` line with a hint), 1 failure at run time.
 `LORAPLAN_DEBUG=1` shows tracebacks.
+
+`main` is the one error boundary. Besides loraplan's own errors it knows the expected failures of
+files and models that a library raises on a user's input — an OS error on a path (a file where a
+folder is wanted, read-only, a full disk), a file that is not UTF-8, damaged safetensors — and turns
+each into one line, exit 2. Anything else is a failure at run time: one line, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
-from ..errors import LoraplanError, UsageError
+from ..errors import LoraplanError, RunError, UsageError
 
 # command -> (module, one-line help). Modules load lazily so `loraplan count` never imports torch.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,14 +85,55 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return args._run(args) or 0
-    except LoraplanError as e:
-        if debug:
-            raise
-        print(e.one_line(), file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted (a sweep keeps its finished trials: rerun the same command to resume)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `loraplan inspect … | head`
         sys.stderr.close()
         return 0
+    except Exception as e:  # noqa: BLE001 - the boundary: every failure becomes one line
+        if debug:
+            raise
+        error = as_loraplan_error(e)
+        print(error.one_line(), file=sys.stderr)
+        return error.exit_code
+
+
+# errno -> (what it means, hint): the OS errors that a user's path or disk causes (exit 2)
+_PATH_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space, or choose --out on another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space, or choose --out on another disk"),
+    errno.EROFS: ("read-only file system", "choose a folder you can write to"),
+    errno.EACCES: ("permission denied", "choose a path you can read and write"),
+    errno.EPERM: ("operation not permitted", "choose a path you can read and write"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path"),
+    errno.EISDIR: ("is a folder, not a file", "give a file name"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.EEXIST: ("already exists", "choose a new path"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter name"),
+    errno.ELOOP: ("too many levels of symbolic links", "check the links on the path"),
+}
+
+
+def as_loraplan_error(e: Exception) -> LoraplanError:
+    """One error for any exception: loraplan's own as they are; the expected failures of files and
+    models as UsageError (exit 2); anything else a RunError (exit 1) that names the exception."""
+    if isinstance(e, LoraplanError):
+        return e
+    if isinstance(e, OSError) and e.errno in _PATH_ERRORS:
+        what, hint = _PATH_ERRORS[e.errno]
+        where = f"{e.filename}: " if e.filename else ""
+        return UsageError(f"{where}{what}", hint)
+    if isinstance(e, UnicodeDecodeError):
+        return UsageError(f"a file is not UTF-8 text ({e.reason} at byte {e.start})",
+                          "give a text file (UTF-8): YAML, JSON or JSONL")
+    if type(e).__name__ == "SafetensorError":
+        return UsageError(f"a safetensors file is damaged or not safetensors: {_first_line(e)}",
+                          "download or save the weights again")
+    text = _first_line(e)
+    return RunError(f"{type(e).__name__}{': ' + text if text else ''}",
+                    "not caused by your input, as far as loraplan can tell; LORAPLAN_DEBUG=1 shows the traceback")
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")

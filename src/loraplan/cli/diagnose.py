@@ -4,7 +4,9 @@ better), instability (spikes, NaN, divergence) and the alpha-fixed-while-r-varie
 its evidence and which way to move the rank.
 
 RUN is a loraplan sweep folder, one of its trial folders, or a transformers trainer_state.json
-(or a checkpoint / output folder that holds one).
+(or a checkpoint / output folder that holds one). A step or loss that is not a number ("ten",
+"high") is an error, never read as NaN; a trial folder whose result.json is damaged is an error, and
+in a sweep folder such a trial is listed as damaged with a note (docs/sweep-dir.md).
 
 examples:
   loraplan diagnose ./sweep

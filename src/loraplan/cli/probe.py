@@ -15,7 +15,7 @@ examples:
 
 from __future__ import annotations
 
-from ..files import write_json
+from ..files import check_output, write_json
 from .options import add_model_arguments, positive_int, size
 from .render import emit_json, table
 
@@ -44,6 +44,8 @@ def run(args) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from ..probing.probe import probe
 
+    if args.out:
+        check_output(args.out, "file")
     result = probe(args.model, args.data, targets=args.targets, batches=args.batches, batch_size=args.batch_size,
                    max_length=args.max_length, fmt=args.format, seed=args.seed,
                    trust_remote_code=args.trust_remote_code, progress=not args.json, max_memory=args.max_memory)

@@ -2,7 +2,9 @@
 reason, plots, each trial's settings; the probe's importance and the adapters' spectra when
 probe.json / analysis.json are in the folder), with the plots also saved as PNG in plots/ next to
 it. No network and no external asset: the page opens anywhere. Works on a sweep that is still
-running (unfinished trials are shown as such).
+running (unfinished trials are shown as such). A trial whose result.json is cut or holds a value of
+the wrong type is shown as damaged (the next sweep runs it again), never as completed; a folder
+without trials/ is an error, never a stale recommendation (docs/sweep-dir.md).
 
 examples:
   loraplan report runs/sweep

@@ -4,6 +4,11 @@ and finished trials are skipped; a crashed or interrupted trial restarts.
 
 The default grid is the seeds' six configs (q,v r8 · q,k,v,o r8 · q,k,v,o r16 rsLoRA · all seven
 r16/r32 rsLoRA · all seven r16 DoRA). --grid takes KEY=VALUES pairs; target sets are separated by ';'.
+An empty `grid:` or `trials:` in a spec is an error (leave the key out for the seeds' grid).
+
+Trial names (a spec's `name:`, the grid's, --from's `from_<file>`) become folders under --out/trials/:
+letters, digits, '-', '_', '+' and '.', not starting with '.'; a name given twice is an error (never
+renamed). Nothing is written or removed outside --out, symlinks included.
 
 examples:
   loraplan sweep ./my-model --data train.jsonl --out runs/sweep1

@@ -213,6 +213,9 @@ def _read_dataset(name: str, label: str, config: str | None, split: str | None, 
                 loaded = loaded[split]
             split = split or "train"
         else:
+            from ..hub import offline
+
+            offline()  # no network: the cache only, at once, instead of retries for tens of seconds
             split = split or "train"
             loaded = datasets.load_dataset(name, config, split=split)
     except UsageError:

@@ -67,14 +67,17 @@ def _hub_config(model_id: str, revision: str | None) -> dict:
                          "examples: ./my-model, meta-llama/Llama-3.1-8B, builtin:llama-3.1-8b")
     from huggingface_hub import hf_hub_download
 
+    from ..hub import offline
+
+    local = offline()
     try:
-        path = hf_hub_download(model_id, "config.json", revision=revision)
+        path = hf_hub_download(model_id, "config.json", revision=revision, local_files_only=local)
     except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all mean "can't have it"
         builtin = builtin_for_hub_id(model_id)
         hint = (f"offline? use builtin:{builtin.name}" if builtin else
                 "check the id, your network or HF_HUB_OFFLINE, and `hf auth login` for gated models")
-        reason = type(e).__name__
-        raise UsageError(f"could not get config.json of '{model_id}' from the Hub or the local cache ({reason})",
+        where = "the local cache (offline: no network to the Hub)" if local else "the Hub or the local cache"
+        raise UsageError(f"could not get config.json of '{model_id}' from {where} ({type(e).__name__})",
                          hint) from None
     return _read_json(Path(path))
 
@@ -93,8 +96,10 @@ def make_config(raw: dict, folder: Path | None = None, trust_remote_code: bool =
         data = {k: v for k, v in raw.items() if k != "model_type"}
         try:
             return CONFIG_MAPPING[model_type].from_dict(data)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"config for model_type '{model_type}' is invalid: {e}",
+        except Exception as e:  # noqa: BLE001 - TypeError, ValueError, and transformers 5's StrictDataclassError
+            if not isinstance(e, TypeError | ValueError) and type(e).__name__ not in _CONFIG_ERRORS:
+                raise
+            raise UsageError(f"config for model_type '{model_type}' is invalid: {_last_line(e)}",
                              "compare it with the model's published config.json") from None
     if raw.get("auto_map"):
         if not trust_remote_code:
@@ -108,6 +113,16 @@ def make_config(raw: dict, folder: Path | None = None, trust_remote_code: bool =
 
     hint = did_you_mean(str(model_type), CONFIG_MAPPING_NAMES) or "upgrade transformers?"
     raise UsageError(f"unknown model_type '{model_type}' for transformers", hint)
+
+
+# transformers 5 validates a config's fields and architecture (huggingface_hub strict dataclasses)
+_CONFIG_ERRORS = ("StrictDataclassError", "StrictDataclassFieldValidationError", "StrictDataclassClassValidationError")
+
+
+def _last_line(e: Exception) -> str:
+    """The cause a validation error ends with ("ValueError: The hidden size (66) is not a multiple …")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def load_structure(model: str, *, trust_remote_code: bool = False, revision: str | None = None,
@@ -181,6 +196,16 @@ def load_model(model: str, *, dtype: str = "auto", device: str | None = None, tr
         except OSError as e:
             raise UsageError(f"could not load the weights of {model}: {str(e).splitlines()[0]}",
                              "loraplan reads safetensors weights only (no .bin pickles)") from None
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type lives in its Rust module
+            files = ", ".join(sorted(p.name for p in folder.glob("*.safetensors"))) if folder else "safetensors"
+            if type(e).__name__ == "SafetensorError":
+                raise UsageError(f"the weights of {model} ({files}) are damaged or not safetensors: "
+                                 f"{str(e).splitlines()[0]}", "download or save the model again") from None
+            if isinstance(e, RuntimeError) and ("mismatched_sizes" in str(e) or "size mismatch" in str(e)):
+                raise UsageError(f"the weights of {model} ({files}) have other shapes than its config.json "
+                                 "describes", "the config and the weights come from different models: "
+                                 "download or save the model again") from None
+            raise
         return loaded
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import check_output
 from .planted import PlantedSpec, PlantedTask, make_planted_task
 
 # The demo's trials: the tutorial default (q,v at r=8), all of attention, the MLP at ranks below, at
@@ -51,7 +52,7 @@ def run_demo(out: str | Path = "loraplan-demo", *, planted: PlantedSpec | None =
     from ..model.targets import resolve_targets
     from .runner import sweep
 
-    out = Path(out)
+    out = check_output(out)
     task_dir = out / "task"
     spec = planted or DEMO_TASK
     if (task_dir / "planted.json").exists():

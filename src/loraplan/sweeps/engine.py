@@ -67,6 +67,11 @@ class TrialState:
     def name(self) -> str:
         return self.trial.name
 
+    @property
+    def adapter(self) -> str:
+        """The name PEFT knows this trial's adapter by."""
+        return self.trial.adapter_name
+
 
 def _fault(name: str, step: int) -> str | None:
     """Fault injection for the resilience tests: LORAPLAN_FAULT="trial:nan@3,other:oom@2" makes that
@@ -195,7 +200,7 @@ class PeftEngine:
             self._unpark(state)
         if state.status in (TrialStatus.COMPLETED, TrialStatus.PRUNED) and self.peft_model is not None:
             try:
-                state.writer.save_adapter(self.peft_model, state.name)
+                state.writer.save_adapter(self.peft_model, state.adapter)
                 saved = True
             except OSError as e:
                 state.status, state.message = TrialStatus.FAILED, f"could not save the adapter: {e}"
@@ -227,10 +232,10 @@ class PeftEngine:
             self.base = self.peft_model.unload()
             self.peft_model = None
         if self.peft_model is None:
-            self.peft_model = get_peft_model(self.base, config, adapter_name=state.name)
+            self.peft_model = get_peft_model(self.base, config, adapter_name=state.adapter)
         else:
-            self.peft_model.add_adapter(state.name, config)
-        self.peft_model.set_adapter(state.name)
+            self.peft_model.add_adapter(state.adapter, config)
+        self.peft_model.set_adapter(state.adapter)
         state.params = [p for _, p in self.peft_model.named_parameters() if p.requires_grad]
 
     def _park(self, state: TrialState) -> None:
@@ -238,7 +243,7 @@ class PeftEngine:
         the next unload)."""
         from peft import get_peft_model_state_dict
 
-        weights = get_peft_model_state_dict(self.peft_model, adapter_name=state.name)
+        weights = get_peft_model_state_dict(self.peft_model, adapter_name=state.adapter)
         state.parked = {"weights": {k: v.detach().clone() for k, v in weights.items()},
                         "optimizer": state.optimizer.state_dict() if state.optimizer is not None else None,
                         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
@@ -252,7 +257,7 @@ class PeftEngine:
 
         parked, state.parked = state.parked, None
         self._attach(state)
-        set_peft_model_state_dict(self.peft_model, parked["weights"], adapter_name=state.name)
+        set_peft_model_state_dict(self.peft_model, parked["weights"], adapter_name=state.adapter)
         if [tuple(p.shape) for p in state.params] != parked["shapes"]:
             raise RuntimeError(f"trial {state.name}: its adapter came back with other parameters")
         state.optimizer = self._optimizer(state.trial, state.params)
@@ -299,7 +304,7 @@ class PeftEngine:
         try:
             if state.parked is not None:
                 self._unpark(state)
-            self.peft_model.set_adapter(state.name)
+            self.peft_model.set_adapter(state.adapter)
             torch.set_rng_state(state.rng)
             while state.step < until and state.status is None:
                 self._train_step(state, steps[state.step])
@@ -414,11 +419,11 @@ class PeftEngine:
         state.params = []
         state.parked = None
         self.live.pop(state.name, None)
-        if self.peft_model is not None and state.name in self.peft_model.peft_config:
-            others = [n for n in self.peft_model.peft_config if n != state.name]
+        if self.peft_model is not None and state.adapter in self.peft_model.peft_config:
+            others = [n for n in self.peft_model.peft_config if n != state.adapter]
             if others:
                 self.peft_model.set_adapter(others[0])
-                self.peft_model.delete_adapter(state.name)
+                self.peft_model.delete_adapter(state.adapter)
             else:
                 self.base = self.peft_model.unload()
                 self.peft_model = None

@@ -295,7 +295,7 @@ class FastEngine(PeftEngine):
         state = super().start(trial, writer, training)
         if state.status is not None or self._cannot:
             return state
-        layers, reason = adapted_layers(self.base, trial.name, self.options)
+        layers, reason = adapted_layers(self.base, trial.adapter_name, self.options)
         if reason:
             self.notes.append(f"{trial.name}: the fast engine cannot run {reason}; it ran on the PEFT engine")
             return state

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import UsageError, listing
-from ..files import write_atomic, write_json
+from ..files import check_name, check_output, inside, write_atomic, write_json
 
 LEDGER_FORMAT = 1
 LOCK_FILE = ".sweep.lock"  # the flock; it stays in place after release (waiters share its inode)
@@ -680,7 +680,8 @@ def spec_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 class TrialWriter:
     """Where one trial writes: start / log / save_adapter / finish. It touches only its own folder
     and takes no lock (the holder of the sweep folder gives each trial to one writer), so it can be
-    sent to a worker process before `start`."""
+    sent to a worker process before `start`. Before it creates or removes anything it checks that
+    the folder resolves (symlinks followed) to a child of the sweep's trials/ folder."""
 
     folder: Path
     name: str
@@ -691,8 +692,19 @@ class TrialWriter:
     def adapter_dir(self) -> Path:
         return self.folder / "adapter"
 
+    def _checked(self, path: Path) -> Path:
+        """`path` (the trial folder or a file in it), after checking that the folder is a plain
+        folder named after the trial and resolves into the sweep folder (trials/ is not a link out)."""
+        check_name(self.name)
+        if self.folder.name != self.name or self.folder.is_symlink():
+            raise UsageError(f"{self.folder} is a link or not the folder of trial {self.name!r}",
+                             "remove the link: a trial's folder is a plain folder under trials/")
+        inside(self.folder.parent.parent, self.folder, f"the folder of trial {self.name!r}")
+        return inside(self.folder, path, f"a file of trial {self.name!r}")
+
     def start(self, plan: TrialPlan) -> None:
         """Begin (or begin again: an unfinished or damaged attempt is removed first)."""
+        self._checked(self.folder)
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
@@ -711,7 +723,7 @@ class TrialWriter:
         write_atomic(self.folder / "error.txt", text, durable=False)
 
     def save_adapter(self, peft_model, adapter_name: str) -> None:
-        tmp = self.folder / ".adapter.tmp"
+        tmp = self._checked(self.folder / ".adapter.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name], safe_serialization=True)
@@ -759,8 +771,7 @@ class SweepFolder:
         holds, is a UsageError and is left untouched."""
         if self._lock.held:
             return
-        if self.root.exists() and not self.root.is_dir():
-            raise UsageError(f"--out {self.root} is a file", "give a folder for the sweep")
+        check_output(self.root)
         if self.root.is_dir() and not (self.root / "sweep.json").exists():
             others = [p.name for p in self.root.iterdir() if p.name not in (LOCK_FILE, OWNER_FILE)]
             if others:
@@ -781,6 +792,7 @@ class SweepFolder:
                                  + (f"; … {len(diff) - 6} more" if len(diff) > 6 else ""),
                                  "rerun with the same spec to resume, or choose another --out")
             header = {**header, "created": old.get("created", header["created"]), "resumed": now()}
+        inside(self.root, self.trials_dir, "trials/")
         self.trials_dir.mkdir(exist_ok=True)
         write_json(path, {**header, "trials": trial_names})
         return self.read()
@@ -789,7 +801,8 @@ class SweepFolder:
         return read_sweep(self.root)
 
     def trial(self, name: str) -> TrialWriter:
-        return TrialWriter(self.trials_dir / name, name)
+        check_name(name)
+        return TrialWriter(inside(self.root, self.trials_dir / name, f"trial {name!r}"), name)
 
     def update_header(self, **values) -> None:
         """Change top-level keys of sweep.json (e.g. the environment once the engine knows its device)."""

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import write_atomic, write_json
+from ..files import check_output, write_atomic, write_json
 
 _CONSONANTS = "bcdfghjklmnprstvz"
 _VOWELS = "aeiou"
@@ -200,6 +200,7 @@ def make_tokenizer(vocab: int, kind: str = "word", seed: int = 0):
 
 def make_planted_task(out: str | Path, spec: PlantedSpec | None = None, **overrides) -> PlantedTask:
     """Write a planted task to OUT and return what was planted (the answer)."""
+    check_output(out)
     import torch
     from safetensors.torch import save_file
 

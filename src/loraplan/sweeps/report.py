@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import write_atomic
+from ..files import check_output, write_atomic
 from . import plots
 from .folder import Summary, Sweep, TrialResult, TrialStatus, ran_on, read_sweep
 from .plots import finite
@@ -71,6 +71,7 @@ def write_report(sweep: Sweep, out=None) -> WrittenReport:
     out = Path(out).expanduser() if out is not None else sweep.path / "report.html"
     if out.is_dir():
         out = out / "report.html"
+    check_output(out, "file")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..data.batches import eval_batches, training_steps
 from ..errors import UsageError
-from ..files import read_json
+from ..files import check_output, read_json, safe_name
 from ..plan.count import count_plan, human_bytes, human_count
 from .executors import Placement, Work, make_executor, place
 from .fair import certificate_ranks, cost_per_config, lr_arms, lr_policy_text, rate_edge_warnings, run_schedule, with_budget
@@ -150,7 +150,7 @@ def sweep(model: str | None = None, data: str | None = None, *, eval: str | None
     schedule = (f"{len(configs)} configs × {t.max_steps} steps; {lr_policy_text(t.model_dump())}: about "
                 f"{round(len(configs) * t.max_steps * cost_per_config(t)):,} optimizer steps in all")
     placement = place(spec.executor, len(trials))
-    out = Path(out)
+    out = Path(out) if dry_run else check_output(out)
     if dry_run:
         for row, where in zip(preview, placement.plan(preview), strict=True):
             row.update(where)
@@ -198,11 +198,11 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
     steps = training_steps(splits.train, t.max_steps, t.batch_size, t.micro_batch_size, t.seed)
     eval_examples = splits.eval[: t.max_eval_examples] if t.max_eval_examples else splits.eval
     eval_set = eval_batches(eval_examples, t.micro_batch_size or t.batch_size)
-    bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
     if pending:
         model = str(Path(spec.model).resolve()) if Path(spec.model).exists() else spec.model
         work = Work(model, t, t.model_dump(mode="json"), tokenizer.pad_token_id, steps, eval_set,
                     spec.trust_remote_code, random_init, cuts=certificate_ranks(trials))
+        bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
         executor = make_executor(placement, work, bars)
         jobs = [(trial, ledger.trial(trial.name)) for trial in pending]
         try:
@@ -261,7 +261,7 @@ def with_trial_from_file(spec: SweepSpec, path: str | Path) -> SweepSpec:
     if unsupported:
         raise UsageError(f"{path}: the sweep does not vary {', '.join(unsupported)}",
                          "remove them from the file, or count/train that config outside the sweep")
-    trial = TrialSpec(name=f"from_{Path(path).stem}",
+    trial = TrialSpec(name=safe_name(f"from_{Path(path).stem}"),
                       **{k: v for k, v in fields.items() if k in TRIAL_FIELDS and v is not None})
     base = list(spec.trials or []) or ([] if spec.grid is not None else seed_grid())
     return spec.model_copy(update={"trials": base + [trial]})

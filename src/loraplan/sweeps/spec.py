@@ -10,6 +10,7 @@ trial's LoRA fields are LoraPlan's own, checked by LoraPlan's rules.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import re
 import typing
@@ -17,9 +18,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import UsageError, nearest
+from ..files import NAME_RULE, check_name, name_problem, safe_name
 from ..plan.alpha import DEFAULT_POLICY, alpha_for, parse_policy, plan_traps
 from ..plan.lora_plan import LoraPlan, field_problem
 
@@ -62,7 +72,8 @@ class TrainingSettings(_Strict):
     max_steps: int = Field(100, gt=0, description="optimizer steps per trial")
     batch_size: int = Field(8, gt=0, description="examples per optimizer step")
     micro_batch_size: int | None = Field(None, gt=0, description="examples per forward pass, for gradient "
-                                                                 "accumulation below batch_size; null: batch_size")
+                                                                 "accumulation below batch_size (larger is an "
+                                                                 "error); null: batch_size")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate of AdamW")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after "
@@ -94,6 +105,13 @@ class TrainingSettings(_Strict):
         "auto", description="fast: loraplan's engine (bf16 adapter path, CUDA graphs); peft: transformers + PEFT "
                             "as they are; auto: fast on a CUDA GPU. Trials fast cannot run go to PEFT, and say so")
 
+    @model_validator(mode="after")
+    def _micro_within_batch(self):
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} is larger than batch_size {self.batch_size} "
+                             "(a micro-batch is a part of a step's batch)")
+        return self
+
 
     @field_validator("lr_factors")
     @classmethod
@@ -116,7 +134,8 @@ class DataSettings(_Strict):
 
 _TrialFields = create_model(
     "_TrialFields", __base__=_Strict,
-    name=(str | None, Field(None, description="the trial's folder name; null: made from its settings")),
+    name=(str | None, Field(None, description=f"the trial's folder name ({NAME_RULE}; unique); null: made from "
+                                              "its settings")),
     **{n: _plan_field(n, required=n in ("targets", "r")) for n in TRIAL_FIELDS})
 
 
@@ -129,6 +148,14 @@ class TrialSpec(_TrialFields):
         return ",".join(map(str, value)) if isinstance(value, list) else value
 
     _plan_rules = field_validator(*TRIAL_FIELDS)(_check_plan_field)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _safe_name(cls, value):
+        problem = None if value is None else name_problem(value)
+        if problem:  # the name becomes trials/<name>/: never a path
+            raise ValueError(f"trial name {problem}")
+        return value
 
     def plan(self) -> LoraPlan:
         # a dropout left to the default stays loraplan's default (PEFT's ParamWrapper on MoE experts
@@ -209,8 +236,18 @@ class SweepSpec(_Strict):
     data: DataSettings = Field(DataSettings(), description="the data")
     training: TrainingSettings = Field(TrainingSettings(), description="how each trial trains")
     grid: GridSpec | None = Field(None, description="a grid of configs; with neither grid nor trials, the seeds' "
-                                                    "six configs")
-    trials: list[TrialSpec] | None = Field(None, description="explicit configs, added to the grid")
+                                                    "six configs (an empty `grid:` is an error)")
+    trials: list[TrialSpec] | None = Field(None, description="explicit configs, added to the grid; names are "
+                                                             "unique (a repeated name is an error)")
+
+    @field_validator("grid", "trials", mode="before")
+    @classmethod
+    def _not_empty(cls, value, info):
+        # an empty `grid:` or `trials: []` is a spec cut short, not a request for the seeds' grid
+        if value is None or (isinstance(value, dict | list) and not value):
+            raise ValueError(f"`{info.field_name}:` is empty: give its values, or leave the key out for the "
+                             "seeds' six configs")
+        return value
     halving: HalvingSpec = Field(HalvingSpec(), description="successive halving")
     executor: ExecutorSettings = Field(ExecutorSettings(), description="where the trials run")
     trust_remote_code: bool = Field(False, description="allow the model's own code (off by default: read the "
@@ -226,6 +263,15 @@ class Trial(BaseModel):
     learning_rate: float | None = None  # None: training.learning_rate
     config: str | None = None  # the config this trial trains at one learning rate (None: itself)
 
+    @property
+    def adapter_name(self) -> str:
+        """The name PEFT knows the trial's adapter by, derived from the trial's name: PEFT keys
+        ModuleDicts with it (no '.', no '+'), and strips `.NAME` from state-dict keys when it saves,
+        so a short name such as `q` would cut `.q_proj` keys. A prefix, the name's safe characters
+        and a hash of the name keep it unique and unlike any module name."""
+        digest = hashlib.sha1(self.name.encode()).hexdigest()[:8]
+        return f"trial_{re.sub(r'[^A-Za-z0-9_]', '_', self.name)[:40]}_{digest}"
+
 
 def seed_grid() -> list[TrialSpec]:
     return [TrialSpec(name=n, targets=t, r=r, lora_alpha=a, use_rslora=rs, use_dora=d)
@@ -233,7 +279,8 @@ def seed_grid() -> list[TrialSpec]:
 
 
 def expand(spec: SweepSpec) -> list[Trial]:
-    """The trials of a spec, with stable unique names."""
+    """The trials of a spec, with stable names; a name made twice (by the grid, the trial list or
+    both) is an error, never silently renamed."""
     specs: list[TrialSpec] = []
     if spec.grid is not None:
         g = spec.grid
@@ -247,20 +294,17 @@ def expand(spec: SweepSpec) -> list[Trial]:
     specs.extend(spec.trials or [])
     if not specs:
         specs = seed_grid()
-    trials, seen = [], set()
-    for t in specs:
-        name = t.name or trial_name(t)
-        base, k = name, 2
-        while name in seen:
-            name, k = f"{base}_{k}", k + 1
-        seen.add(name)
-        trials.append(Trial(name=name, plan=t.plan()))
+    trials = [Trial(name=check_name(t.name or trial_name(t)), plan=t.plan()) for t in specs]
+    names = [t.name for t in trials]
+    repeated = list(dict.fromkeys(n for n in names if names.count(n) > 1))
+    if repeated:
+        raise UsageError("duplicate trial names: " + ", ".join(f"'{n}' ({names.count(n)}×)" for n in repeated),
+                         "give each trial its own `name:`, or remove the repeated grid value")
     return trials
 
 
 def trial_name(t: TrialSpec) -> str:
-    targets = re.sub(r"[^A-Za-z0-9_+.-]+", "_", t.targets.replace(",", "+")).strip("_")
-    name = f"{targets}_r{t.r}"
+    name = f"{safe_name(t.targets.replace(',', '+'), 'targets')[:60]}_r{t.r}"
     if t.lora_alpha is not None:
         name += f"_a{t.lora_alpha:g}"
     if t.use_rslora:
@@ -270,7 +314,7 @@ def trial_name(t: TrialSpec) -> str:
     if t.loraplus_lr_ratio:
         name += f"_lp{t.loraplus_lr_ratio:g}"
     if t.layers:
-        name += f"_L{t.layers.replace(',', '+')}"
+        name += f"_L{safe_name(t.layers.replace(',', '+'))}"
     return name
 
 
@@ -315,7 +359,10 @@ def load_spec(path: str | Path | None, overrides: dict[str, Any] | None = None) 
         if not path.is_file():
             raise UsageError(f"no such sweep spec: {path}", "give a YAML file, e.g. examples/sweep.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path} is not UTF-8 text (byte {e.start}): not a YAML sweep spec",
+                             "give a YAML file, e.g. examples/sweep.yaml") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
