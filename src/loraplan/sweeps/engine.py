@@ -399,8 +399,8 @@ class PeftEngine:
             return None
         if state.parked is not None:
             self._unpark(state)
-        self.peft_model.set_adapter(state.name)
-        with derived(self.peft_model, state.name, rank=rank):
+        self.peft_model.set_adapter(state.adapter)
+        with derived(self.peft_model, state.adapter, rank=rank):
             losses, _ = self._eval_losses(eval_set)
         return losses
 
