@@ -27,7 +27,7 @@ GRID = {"targets": ["q", "attention", "mlp", "attention,mlp"], "r": [4], "alpha"
 SETTINGS = {"training.max_steps": 8, "training.batch_size": 4, "training.eval_every": 4, "training.warmup_steps": 1,
             "training.learning_rate": 1e-2, "data.max_length": 64, "halving.enabled": True, "halving.rungs": 2}
 CLI_GRID = ["--grid", "targets=q;attention;mlp;attention,mlp r=4", "--max-steps", "6", "--batch-size", "4",
-            "--eval-every", "3", "--max-length", "64", "--json"]
+            "--eval-every", "3", "--max-length", "64", "--lr-policy", "fixed", "--json"]  # ledger mechanics: one rate
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,8 @@ def same_sweep(result, reference):
     assert {n: v[:2] for n, v in got.items()} == {n: v[:2] for n, v in want.items()}
     for name, (_, _, loss) in want.items():
         assert got[name][2] == pytest.approx(loss, rel=1e-6), name  # the same seeds: the same losses
-    assert sorted(s for s, _, _ in got.values()) == ["completed", "completed", "pruned", "pruned"]
+    statuses = [s for s, _, _ in got.values()]
+    assert statuses.count("completed") == 2 and "pruned" in statuses  # halving kept 2 of the 4 configs
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def test_sigkill_at_random_moments_loses_and_reruns_nothing(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "sweep"
     argv = [sys.executable, "-m", "loraplan.cli", "sweep", model, "--data", str(tmp_path / "train.jsonl"),
-            "--out", str(out), "--grid", "targets=q,v;mlp r=2,4", "--max-steps", "3", "--eval-every", "2",
+            "--out", str(out), "--grid", "targets=q,v;mlp r=2,4", "--lr-policy", "fixed", "--max-steps", "3", "--eval-every", "2",
             "--batch-size", "2", "--max-length", "32", "--engine", "peft", "--json"]
     rng = random.Random(SEED)
     kept: dict[str, bytes] = {}
@@ -96,7 +96,7 @@ def test_a_cut_result_is_damaged_and_the_rerun_runs_it_again(tmp_path):
     rows = [json.dumps({"prompt": f"Q{i}: {i}+{i}?", "completion": f" {2 * i}."}) for i in range(16)]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "sweep"
-    overrides = {"grid": {"targets": ["q,v", "mlp"], "r": [2]}, "training.max_steps": 2, "training.eval_every": 2,
+    overrides = {"grid": {"targets": ["q,v", "mlp"], "r": [2]}, "training.max_steps": 2, "training.eval_every": 2, "training.lr_policy": "fixed",
                  "training.batch_size": 2, "training.engine": "peft", "data.max_length": 32}
     sweep(model, str(tmp_path / "train.jsonl"), out=out, overrides=overrides, progress=False)
     cut, wrong = (out / "trials" / n / "result.json" for n in ("q+v_r2", "mlp_r2"))

@@ -202,18 +202,21 @@ def _run(spec: SweepSpec, trials: list[Trial], warnings: list[str], ledger: Swee
         model = str(Path(spec.model).resolve()) if Path(spec.model).exists() else spec.model
         work = Work(model, t, t.model_dump(mode="json"), tokenizer.pad_token_id, steps, eval_set,
                     spec.trust_remote_code, random_init, cuts=certificate_ranks(trials))
-        bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
-        executor = make_executor(placement, work, bars)
+        executor = make_executor(placement, work, None)
         jobs = [(trial, ledger.trial(trial.name)) for trial in pending]
+        bars = None
         try:
             executor.start()
+            # the bars after the load: a model that does not load is one error line, no bar above it
+            bars = executor.bars = _Progress(len(trials), len(done), t.max_steps, enabled=progress)
             header["environment"].update(_devices(executor.workers))
             ledger.update_header(environment=header["environment"],
                                  executor={"kind": executor.kind, "workers": [w["placement"] for w in executor.workers]})
             run_schedule(executor, jobs, spec)
         finally:
             executor.close()
-            bars.close()
+            if bars is not None:
+                bars.close()
         warnings = warnings + executor.notes  # trials the fast engine handed to PEFT, and why
     folder = ledger.read()
     names = {t.name for t in trials}
