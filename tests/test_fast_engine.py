@@ -139,13 +139,10 @@ def test_quantized_models_go_to_the_peft_engine(monkeypatch):
 
 
 def test_the_sweep_with_the_fast_engine_writes_adapters_peft_reloads(models, tmp_path):
-    import torch
-    from peft import PeftModel
+    from support.adapters import reloaded_eval_loss
 
-    from loraplan.autograd.lm_loss import causal_lm_loss_sum
     from loraplan.data.load import load_data
-    from loraplan.model.loading import load_model, load_tokenizer
-    from loraplan.sweeps.ranking import weighted_mean_sem
+    from loraplan.model.loading import load_tokenizer
     from loraplan.sweeps.runner import sweep
 
     model = models("llama")
@@ -160,16 +157,9 @@ def test_the_sweep_with_the_fast_engine_writes_adapters_peft_reloads(models, tmp
     tokenizer = load_tokenizer(model)
     splits = load_data(str(tmp_path / "train.jsonl"), tokenizer, max_length=64, seed=0)
     for recorded in result.results:
-        reloaded = PeftModel.from_pretrained(load_model(model, dtype="fp32", device="cpu"),
-                                             str(tmp_path / "ledger" / "trials" / recorded.name / "adapter")).eval()
-        losses, counts = [], []
-        with torch.no_grad():
-            for mb in eval_batches(splits.eval, 4):
-                ids, labels, mask = mb.tensors("cpu", tokenizer.pad_token_id)
-                logits = reloaded(input_ids=ids, attention_mask=mask).logits
-                losses.append(float(causal_lm_loss_sum(logits, labels)) / mb.supervised)
-                counts.append(mb.supervised)
-        assert weighted_mean_sem(losses, counts)[0] == pytest.approx(recorded.eval_loss, abs=1e-5)
+        _, loss = reloaded_eval_loss(model, tmp_path / "ledger" / "trials" / recorded.name / "adapter", splits.eval,
+                                     tokenizer.pad_token_id)
+        assert loss == pytest.approx(recorded.eval_loss, abs=1e-5)
 
 
 def test_the_engine_is_a_training_setting_and_a_flag():

@@ -32,15 +32,13 @@ def _train_losses(folder) -> list[float]:
 @pytest.mark.slow
 def test_attention_and_expert_trials_complete_and_the_expert_adapter_reloads(moe_workspace):
     import torch
-    from peft import PeftModel
+    from support.adapters import reloaded_eval_loss
 
     from loraplan.adapter.analyze import analyze
-    from loraplan.autograd.lm_loss import causal_lm_loss_sum
     from loraplan.data.batches import eval_batches
     from loraplan.data.load import load_data
     from loraplan.model.loading import load_model, load_tokenizer
     from loraplan.plan.count import count
-    from loraplan.sweeps.engine import weighted_mean_sem
 
     root, model = moe_workspace
     out = root / "ledger"
@@ -57,19 +55,14 @@ def test_attention_and_expert_trials_complete_and_the_expert_adapter_reloads(moe
 
     tokenizer = load_tokenizer(model)
     splits = load_data(str(root / "train.jsonl"), tokenizer, max_length=64, seed=0)
-    peft_model = PeftModel.from_pretrained(load_model(model, dtype="fp32", device="cpu"),
-                                           str(out / "trials" / "experts_r4" / "adapter")).eval()
+    peft_model, loss = reloaded_eval_loss(model, out / "trials" / "experts_r4" / "adapter", splits.eval,
+                                          tokenizer.pad_token_id)
     assert peft_model.get_nb_trainable_parameters()[0] == 0  # loaded for inference; the count is in the config
-    losses, counts = [], []
-    with torch.no_grad():
-        for mb in eval_batches(splits.eval, 4):
-            ids, labels, mask = mb.tensors("cpu", tokenizer.pad_token_id)
-            logits = peft_model(input_ids=ids, attention_mask=mask).logits
-            losses.append(float(causal_lm_loss_sum(logits, labels)) / mb.supervised)
-            counts.append(mb.supervised)
-    assert weighted_mean_sem(losses, counts)[0] == pytest.approx(by_name["experts_r4"].eval_loss, abs=1e-5)
+    assert loss == pytest.approx(by_name["experts_r4"].eval_loss, abs=1e-5)
     # the experts moved: the adapter is not the base model, and analyze reads it per expert
+    ids, _, mask = eval_batches(splits.eval, 4)[0].tensors("cpu", tokenizer.pad_token_id)
     with torch.no_grad():
+        logits = peft_model(input_ids=ids, attention_mask=mask).logits
         base_logits = load_model(model, dtype="fp32", device="cpu")(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(base_logits, logits)
     spectra = analyze(out / "trials" / "experts_r4").spectra

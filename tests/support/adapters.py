@@ -52,3 +52,25 @@ def peft_deltas(peft_model) -> dict:
         delta = module.get_delta_weight("default").detach().double()
         out[key] = delta if delta.ndim == 3 else delta.unsqueeze(0)
     return out
+
+
+def reloaded_eval_loss(model: str, adapter_dir, eval_examples, pad_id: int, batch_size: int = 4):
+    """(the PEFT model, its token-weighted eval loss): the adapter in ADAPTER_DIR loaded with
+    `PeftModel.from_pretrained` on the fp32 base, evaluated on the sweep's eval batches."""
+    import torch
+    from peft import PeftModel
+
+    from loraplan.autograd.lm_loss import causal_lm_loss_sum
+    from loraplan.data.batches import eval_batches
+    from loraplan.model.loading import load_model
+    from loraplan.sweeps.ranking import weighted_mean_sem
+
+    peft_model = PeftModel.from_pretrained(load_model(model, dtype="fp32", device="cpu"), str(adapter_dir)).eval()
+    losses, counts = [], []
+    with torch.no_grad():
+        for mb in eval_batches(eval_examples, batch_size):
+            ids, labels, mask = mb.tensors("cpu", pad_id)
+            logits = peft_model(input_ids=ids, attention_mask=mask).logits
+            losses.append(float(causal_lm_loss_sum(logits, labels)) / mb.supervised)
+            counts.append(mb.supervised)
+    return peft_model, weighted_mean_sem(losses, counts)[0]
